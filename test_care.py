@@ -197,7 +197,7 @@ def test_augment_single_group_fixed_parameters_match_torchvision_pipeline(monkey
     x = images(4)
     u = torch.tensor([1.0] * 10 + [0.5] * 10 + [0.0, 0.0] + [0.9]
                      + [0.25, 0.75, 0.5, 0.75] + [0.1, 0.9, 0.9, 0.0])
-    monkeypatch.setattr(care.torch, "rand", lambda *a, **k: u.view(1, 31).clone())
+    monkeypatch.setattr(care.torch, "rand", lambda *shape, **k: u.expand(*shape).clone())
     ours = care.augment(x, group_size=4)
     b, c, s, h = 0.6 + 0.8 * 0.25, 0.6 + 0.8 * 0.75, 0.6 + 0.8 * 0.5, -0.1 + 0.2 * 0.75
     ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(
@@ -243,3 +243,282 @@ def test_a_few_care_steps_lower_the_loss_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+# ------------------------------------------------- data, training, record (end to end)
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """An image folder of 3 colour classes: 24 train and 8 test 12x12 PNGs per class."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]]).float()
+    for split, n in (("train", 24), ("test", 8)):
+        for c in range(3):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                noise = 60 * torch.randn(3, 12, 12, generator=g)
+                img = (colours[c].view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def tiny_args(root, out, *extra):
+    return ["--dataset", "folder", "--data-root", str(root), "--image-size", "8",
+            "--batch-size", "16", "--group-size", "4", "--device", "cpu", "--knn-every", "1",
+            "--probe-epochs", "3", "--out", str(out), *extra]
+
+
+def read_json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_load_folder_holds_uint8_splits_with_labels_and_subset(tiny_folder):
+    d = care.load_data("folder", str(tiny_folder), 8, train_subset=10, seed=0)
+    assert d.train_x.shape == (10, 3, 8, 8) and d.train_x.dtype == torch.uint8
+    assert d.test_x.shape == (24, 3, 8, 8) and d.classes == ["class0", "class1", "class2"]
+    assert sorted(d.test_y.tolist()) == [0] * 8 + [1] * 8 + [2] * 8
+    again = care.load_data("folder", str(tiny_folder), 8, train_subset=10, seed=0)
+    assert torch.equal(d.train_x, again.train_x)                  # the subset is fixed
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = 5 * torch.randn(4, 16, generator=g)
+    y_train, y_test = torch.arange(200) % 4, torch.arange(40) % 4
+    x_train = centres[y_train] + torch.randn(200, 16, generator=g)
+    x_test = centres[y_test] + torch.randn(40, 16, generator=g)
+    assert care.knn_top1(x_train, y_train, x_test, y_test, k=20) == 100.0
+    assert care.linear_probe(x_train, y_train, x_test, y_test, epochs=300) == 100.0
+    shuffled = y_train[torch.randperm(200, generator=g)]          # labels carry no signal
+    assert care.knn_top1(x_train, shuffled, x_test, y_test, k=20) < 60
+
+
+def test_end_to_end_care_run_writes_the_record(tiny_folder, tmp_path):
+    metrics = care.main(tiny_args(tiny_folder, tmp_path / "care", "--epochs", "2"))
+    on_disk = read_json(tmp_path / "care" / "metrics.json")
+    assert on_disk["linear_top1"] == metrics["linear_top1"] and on_disk["world_size"] == 1
+    assert on_disk["config"]["method"] == "care" and on_disk["device"].startswith("cpu")
+    assert on_disk["wall_time_s"] > 0
+    rows = on_disk["epochs"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[0]["loss"] is None and rows[0]["knn_top1"] is not None
+    for r in rows[1:]:
+        assert set(r) >= {"loss", "info_nce", "equivariance", "knn_top1", "images_per_s", "seconds"}
+        assert r["loss"] == pytest.approx(r["info_nce"] + 0.03 * r["equivariance"], rel=1e-4)
+    d = on_disk["diagnostics"]
+    assert set(d) >= {"gram_error", "identity_residual", "procrustes_residual",
+                      "linear_residual", "hue_cosine"}
+    assert list(d["hue_cosine"]) == ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert d["linear_residual"] <= d["procrustes_residual"] + 1e-9
+    assert d["procrustes_residual"] <= d["identity_residual"] + 1e-9
+    for f in ("checkpoint.pt", "train.log", "curves.png", "geometry.png"):
+        assert (tmp_path / "care" / f).stat().st_size > 0
+    assert "linear probe top-1" in (tmp_path / "care" / "train.log").read_text()
+
+
+def test_simclr_run_and_compare(tiny_folder, tmp_path, capsys):
+    care.main(tiny_args(tiny_folder, tmp_path / "care", "--epochs", "1"))
+    care.main(tiny_args(tiny_folder, tmp_path / "simclr", "--epochs", "1", "--method", "simclr"))
+    m = read_json(tmp_path / "simclr" / "metrics.json")
+    assert m["config"]["lam"] == 0 and m["epochs"][1]["equivariance"] is None
+    assert m["epochs"][1]["loss"] == pytest.approx(m["epochs"][1]["info_nce"])
+    capsys.readouterr()
+    care.main(["--compare", str(tmp_path / "care"), str(tmp_path / "simclr"),
+               "--out", str(tmp_path / "cmp")])
+    table = capsys.readouterr().out
+    assert "CARE: care" in table and "SIMCLR: simclr" in table and "Gram err" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        care.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--dataset", "--data-root", "--image-size", "--train-subset", "--method",
+                 "--lam", "--group-size", "--temperature", "--batch-size", "--lr",
+                 "--weight-decay", "--lr-schedule", "--warmup-epochs", "--epochs", "--arch",
+                 "--feature-dim", "--seed", "--device", "--compile", "--knn-every", "--out",
+                 "--resume", "--eval-only", "--compare", "--benchmark", "--optimizer"]:
+        assert flag in text, flag
+
+
+# -------------------------------------------------------------- geometry diagnostics
+def test_procrustes_recovers_a_known_rotation():
+    Z = unit(512, 16)
+    r = care.residuals(Z, Z @ random_orthogonal(16).T)
+    assert r["procrustes_residual"] < 1e-10 and r["linear_residual"] < 1e-10
+    assert r["identity_residual"] > 0.5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_residuals_are_ordered_linear_rotation_identity(seed):
+    g = torch.Generator().manual_seed(seed)
+    Z = unit(256, 8, seed)
+    Z2 = torch.nn.functional.normalize(Z @ torch.randn(8, 8, generator=g)
+                                       + 0.3 * torch.randn(256, 8, generator=g), dim=1)
+    r = care.residuals(Z, Z2)
+    assert r["linear_residual"] <= r["procrustes_residual"] + 1e-12
+    assert r["procrustes_residual"] <= r["identity_residual"] + 1e-12
+
+
+def test_gram_error_zero_for_rotation_and_hue_shift_zero_is_identity():
+    Z = unit(64, 8)
+    assert care.gram_error(Z, Z @ random_orthogonal(8).T) < 1e-10
+    assert care.gram_error(Z, unit(64, 8, 1)) > 1e-3
+    x = images(4)
+    assert torch.allclose(care.adjust_hue(x, 0.0), x, atol=1e-6)
+    assert torch.allclose(care.adjust_hue(x, 1.0), x, atol=1e-5)     # a full turn
+
+
+# ----------------------------------------------------------------------------- speed
+def test_benchmark_writes_consistent_json(tmp_path):
+    r = care.main(["--benchmark", "--device", "cpu", "--batch-size", "8", "--group-size", "4",
+                   "--image-size", "8", "--bench-steps", "2", "--bench-warmup", "1",
+                   "--out", str(tmp_path)])
+    j = read_json(tmp_path / "benchmark.json")
+    assert j["care_step_s"] == r["care_step_s"]
+    assert j["overhead_ratio"] == pytest.approx(j["care_step_s"] / j["bare_step_s"])
+    assert j["care_simclr_ratio"] == pytest.approx(j["care_step_s"] / j["simclr_step_s"])
+    assert j["images_per_s"] == pytest.approx(8 / j["care_step_s"])
+    assert min(j["care_step_s"], j["bare_step_s"], j["simclr_step_s"]) > 0
+    assert j["device"].startswith("cpu") and j["config"]["batch_size"] == 8
+
+
+# -------------------------------------------------------------------------- robustness
+def run_error(argv, capsys):
+    """main(argv) must exit non-zero with exactly one line on stderr, before training."""
+    with pytest.raises(SystemExit) as e:
+        care.main(argv)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("care.py: error:"), err
+    return e.value.code, err[0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--batch-size", "100", "--group-size", "16"], "100 is not a multiple of --group-size 16"),
+    (["--group-size", "0"], "--group-size must be at least 1"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--lam", "-0.1"], "--lam must be >= 0"),
+    (["--dataset", "folder", "--data-root", "/no/such/folder"], "does not exist"),
+    (["--resume", "/no/such/checkpoint.pt"], "no such file"),
+    (["--eval-only"], "needs --resume"),
+    (["--batch-size", "many"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path):
+    code, line = run_error(argv + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and words in line
+    assert not (tmp_path / "run").exists()                      # failed before any work
+
+
+def test_cuda_without_cuda_is_a_clear_error(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, line = run_error(["--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device cpu" in line
+
+
+def test_folder_without_split_or_images(tmp_path, capsys):
+    (tmp_path / "a" / "test" / "cat").mkdir(parents=True)
+    code, line = run_error(tiny_args(tmp_path / "a", tmp_path / "o1"), capsys)
+    assert code == 2 and "has no train/ folder" in line
+    (tmp_path / "a" / "train" / "cat").mkdir(parents=True)
+    code, line = run_error(tiny_args(tmp_path / "a", tmp_path / "o2"), capsys)
+    assert code == 2 and "no images" in line
+
+
+def test_offline_download_says_what_to_do(monkeypatch, tmp_path, capsys):
+    class Offline:
+        def __init__(self, root, download=False, **kw):
+            if not download:
+                raise RuntimeError("Dataset not found or corrupted.")
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(care.torchvision.datasets, "CIFAR10", Offline)
+    code, line = run_error(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+                            "--device", "cpu", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "download" in line and "--dataset folder" in line
+
+
+def test_resume_rejects_corrupt_and_incompatible_checkpoints(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, line = run_error(["--resume", str(bad)], capsys)
+    assert code == 2 and "cannot read" in line
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"))
+    code, line = run_error(["--resume", str(tmp_path / "run" / "checkpoint.pt"),
+                            "--arch", "resnet34"], capsys)
+    assert code == 2 and "--arch resnet18" in line
+    code, line = run_error(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"), capsys)
+    assert code == 2 and "already holds a run" in line          # never overwritten silently
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    care.atomic_save({"epoch": 1}, path)
+
+    def crash(obj, f):                                          # dies half-way through
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(care.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        care.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt"]
+
+
+def test_interrupt_then_resume_continues_exactly(tiny_folder, tmp_path, monkeypatch, capsys):
+    straight = care.main(tiny_args(tiny_folder, tmp_path / "a", "--epochs", "2"))
+    calls, real_step = [0], care.train_step
+
+    def ctrl_c_in_epoch_2(*a, **k):                             # 72 images / 16 = 4 steps
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(care, "train_step", ctrl_c_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        care.main(tiny_args(tiny_folder, tmp_path / "b", "--epochs", "2"))
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_json(tmp_path / "b" / "metrics.json")["epochs"]] == [0, 1]
+    monkeypatch.undo()
+    resumed = care.main(["--resume", str(tmp_path / "b" / "checkpoint.pt")])
+    a, b = straight["epochs"], resumed["epochs"]
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    assert b[2]["loss"] == pytest.approx(a[2]["loss"], rel=1e-5)
+    assert b[2]["knn_top1"] == a[2]["knn_top1"] and resumed["linear_top1"] == straight["linear_top1"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(
+        tiny_folder, tmp_path, monkeypatch, capsys):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"))
+    monkeypatch.setattr(care, "info_nce", lambda *a: torch.tensor(float("nan")))
+    code, line = run_error(["--resume", str(tmp_path / "run" / "checkpoint.pt"),
+                            "--epochs", "2", "--log-every", "1"], capsys)
+    assert code == 1 and "non-finite loss" in line and "epoch 2 step 1/4" in line
+    assert torch.load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_sigterm_keeps_last_epoch_and_exits_without_traceback(tiny_folder, tmp_path):
+    import subprocess, sys, time, signal, os
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "care.py", *tiny_args(tiny_folder, out, "--epochs", "500")],
+                            cwd=os.path.dirname(os.path.abspath(care.__file__)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr + stdout
+    assert "--resume" in stdout
+    kept = torch.load(out / "checkpoint.pt")["epoch"]
+    assert kept >= 1 and [r["epoch"] for r in read_json(out / "metrics.json")["epochs"]] == list(
+        range(kept + 1))
