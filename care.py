@@ -477,9 +477,10 @@ def train_epoch(model, optimizer, scheduler, data, cfg, generator, epoch):
         seen = losses[read:step + 1].cpu()              # the one host sync per interval
         bad = (~torch.isfinite(seen)).any(1).nonzero()
         if len(bad):
+            kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch - 1}" if epoch > 1
+                    else "no checkpoint had been written yet")
             raise CareError(f"non-finite loss at epoch {epoch} step {read + int(bad[0]) + 1}/"
-                            f"{steps}: stopped; {cfg.out} keeps the last good checkpoint "
-                            f"(epoch {epoch - 1}). Try a lower --lr", code=1)
+                            f"{steps}: stopped; {kept}. Try a lower --lr", code=1)
         read, elapsed = step + 1, time.time() - t0
         per_step = elapsed / (step + 1)
         eta = per_step * (steps - step - 1)
@@ -540,13 +541,11 @@ def restore(ckpt, model, optimizer, scheduler, generator, log):
                         f"({_first_line(e)[:160]})") from None
     rng = ckpt["rng"]
     if rng["device"] != generator.device.type:
-        log(f"note: the checkpoint's random streams are {rng['device']}'s; on "
-            f"{generator.device.type} the run continues with fresh ones (not bit-exact)")
+        log(f"note: the checkpoint's random stream is {rng['device']}'s; on "
+            f"{generator.device.type} the run continues with a fresh one")
         return
-    generator.set_state(rng["generator"])
+    generator.set_state(rng["generator"])       # data order and every augmentation
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _first_line(e):
@@ -594,8 +593,7 @@ def run(cfg, ckpt=None):
     ckpt_path, metrics_path = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True          # autotune convolutions for fixed shapes
     log(f"care.py | {cfg.method} | {cfg.dataset} {cfg.image_size}px | {cfg.arch} | "
         f"{device_name(device)} | out: {cfg.out}")
     t = time.time()
@@ -646,9 +644,7 @@ def run(cfg, ckpt=None):
                              "scheduler": scheduler.state_dict(), "epoch": epoch,
                              "config": vars(cfg), "metrics": metrics,
                              "rng": {"device": device.type, "generator": generator.get_state(),
-                                     "torch": torch.get_rng_state(),
-                                     "cuda": torch.cuda.get_rng_state_all()
-                                     if device.type == "cuda" else []}}, ckpt_path)
+                                     "torch": torch.get_rng_state()}}, ckpt_path)
                 saved = epoch
                 atomic_save(metrics, metrics_path)
                 log(table_row(row))
@@ -732,9 +728,10 @@ def benchmark(cfg):
     atomic_save(result, os.path.join(cfg.out, "benchmark.json"))
     print(f"benchmark: {cfg.arch}, batch {B} x {S}px, {result['device']}, median of "
           f"{cfg.bench_steps} steps after {cfg.bench_warmup} warm-up\n"
-          f"  full {cfg.method} step ({n_views} views augmented, forward, losses, backward, "
-          f"{cfg.optimizer}) {med[cfg.method] * 1e3:9.1f} ms\n"
-          f"  bare step (network only, {n_views} ready views){' ' * 23}{med['bare'] * 1e3:9.1f} ms\n"
+          f"  full {cfg.method:<6} step: augment {n_views} x {B} views, forward, losses, backward, "
+          f"{cfg.optimizer} {med[cfg.method] * 1e3:9.1f} ms\n"
+          f"  bare step: forward, backward, {cfg.optimizer} on {n_views} x {B} ready views"
+          f"{' ' * 13}{med['bare'] * 1e3:9.1f} ms\n"
           f"  overhead ratio {result['overhead_ratio']:.3f} | CARE / SimCLR step time "
           f"{result['care_simclr_ratio']:.2f} | {result['images_per_s']:.0f} images/s -> "
           f"{os.path.join(cfg.out, 'benchmark.json')}")
@@ -830,7 +827,8 @@ def residuals(Z, Z2):
 
 def gram_error(Z, Z2):
     """Mean squared off-diagonal difference of Z Z^T and Z' Z'^T."""
-    off = ~torch.eye(len(Z), dtype=torch.bool, device=Z.device)
+    Z, Z2 = Z.double().cpu(), Z2.double().cpu()
+    off = ~torch.eye(len(Z), dtype=torch.bool)
     return (Z @ Z.T - Z2 @ Z2.T).square()[off].mean().item()
 
 
@@ -1000,26 +998,27 @@ def build_parser():
     a("--train-subset", type=int, default=0,
       help="train on a fixed random subset of N images (0: all), for quick runs")
     a = p.add_argument_group("optimisation").add_argument
-    a("--epochs", type=int, default=200)
+    a("--epochs", type=int, default=200, help="training epochs (0: evaluate the initial encoder)")
     a("--batch-size", type=int, default=256, help="images per step (CARE: 4 views each)")
     a("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd uses momentum 0.9")
-    a("--lr", type=float, default=1e-3)
-    a("--weight-decay", type=float, default=1e-6)
+    a("--lr", type=float, default=1e-3, help="learning rate")
+    a("--weight-decay", type=float, default=1e-6, help="L2 weight decay of the optimizer")
     a("--lr-schedule", choices=["constant", "cosine"], default="constant",
       help="cosine: linear warm-up, then cosine decay to 0 at --epochs")
     a("--warmup-epochs", type=int, default=10, help="warm-up length for --lr-schedule cosine")
     a("--seed", type=int, default=0, help="seeds the model, data order, augmentation, subset")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
     a("--compile", action="store_true", help="torch.compile the encoder for training")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     a("--knn-k", type=int, default=200, help="neighbours in the weighted kNN")
     a("--probe-epochs", type=int, default=100, help="epochs of the final linear probe")
     a("--log-every", type=int, default=20, help="steps between progress updates")
-    a("--out", default=None, help="run folder (default: runs/<method>-<dataset>)")
+    a("--out", default=None, help="run folder; if unset: runs/<method>-<dataset>, or the "
+      "folder of the --resume checkpoint")
     a("--resume", metavar="PATH", default=None,
-      help="continue the run saved in PATH (a checkpoint.pt); its settings are used unless "
-           "given again here")
+      help="continue the run saved in PATH (a checkpoint.pt) with its settings; flags given "
+           "again override them, except the model, data and optimizer settings")
     a("--eval-only", action="store_true", help="with --resume: only evaluate the checkpoint")
     a = p.add_argument_group("other modes").add_argument
     a("--compare", nargs="+", metavar="DIR",
@@ -1033,17 +1032,17 @@ def build_parser():
 
 # Settings that define the model and its data: a resumed run may not change them.
 FIXED_ON_RESUME = ("method", "arch", "feature_dim", "dataset", "image_size", "train_subset",
-                   "group_size", "batch_size", "seed")
+                   "group_size", "batch_size", "seed", "optimizer", "lr", "weight_decay")
 
 
-def configure(args, parser):
-    """Merge a resumed checkpoint's settings with the command line, then validate."""
+def configure(args, given):
+    """Merge a resumed checkpoint's settings with the flags `given` on the command line,
+    then validate."""
     ckpt = None
     if args.eval_only and not args.resume:
         raise CareError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
         for k, v in ckpt["config"].items():
             flag = "--" + k.replace("_", "-")
             if k in FIXED_ON_RESUME and k in given and getattr(args, k) != v:
@@ -1054,15 +1053,18 @@ def configure(args, parser):
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
     if args.method == "simclr":
         args.lam = 0.0
-    checks = [
+    checks = [                                  # `not x > 0` also catches nan
         (args.group_size < 1, f"--group-size must be at least 1, got {args.group_size}"),
         (args.batch_size < 2, f"--batch-size must be at least 2, got {args.batch_size}"),
-        (args.method == "care" and args.group_size >= 1 and args.batch_size % args.group_size,
+        ((args.method == "care" or args.benchmark) and args.group_size >= 1
+         and args.batch_size % args.group_size,
          f"--batch-size {args.batch_size} is not a multiple of --group-size {args.group_size}"),
         (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
-        (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
-        (args.lam < 0, f"--lam must be >= 0, got {args.lam}"),
-        (args.lr <= 0, f"--lr must be > 0, got {args.lr}"),
+        (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (not args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
+        (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (args.feature_dim < 1, f"--feature-dim must be at least 1, got {args.feature_dim}"),
         (args.image_size < 4, f"--image-size must be at least 4, got {args.image_size}"),
         (args.train_subset < 0, f"--train-subset must be >= 0, got {args.train_subset}"),
         (min(args.knn_every, args.knn_k, args.log_every, args.bench_steps) < 1,
@@ -1076,9 +1078,12 @@ def configure(args, parser):
     for failed, message in checks:
         if failed:
             raise CareError(message)
+    args.data_root = os.path.abspath(args.data_root)      # the record works from anywhere
     args.out = args.out or os.path.join("runs", "benchmark" if args.benchmark
                                         else f"{args.method}-{args.dataset}")
-    if not args.resume and not args.benchmark and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+    existing = os.path.join(args.out, "checkpoint.pt")
+    continuing = args.resume and os.path.exists(existing) and os.path.samefile(existing, args.resume)
+    if os.path.exists(existing) and not args.benchmark and not continuing:
         raise CareError(f"{args.out} already holds a run: continue it with --resume "
                         f"{os.path.join(args.out, 'checkpoint.pt')}, or choose another --out")
     pick_device(args.device)
@@ -1094,18 +1099,30 @@ def pick_device(name):
     return torch.device(name)
 
 
-def main(argv=None):
+def parse_command_line(argv=None):
+    """The parsed flags, and the set of those typed (not defaulted) on the command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for action in parser._actions:              # parse again without any defaults
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    args, given = parse_command_line(argv)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM = Ctrl-C
     try:
         if args.compare:
             return compare(args.compare, args.out or os.path.join("runs", "compare"))
-        cfg, ckpt = configure(args, parser)
+        cfg, ckpt = configure(args, given)
         return benchmark(cfg) if cfg.benchmark else run(cfg, ckpt)
     except CareError as e:
         print(f"care.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.code)
+    except torch.cuda.OutOfMemoryError:
+        print("care.py: error: out of GPU memory: lower --batch-size or --image-size, or use "
+              "a smaller --arch", file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:                   # outside the training loop: nothing to keep
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)

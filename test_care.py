@@ -409,6 +409,10 @@ def run_error(argv, capsys):
     (["--resume", "/no/such/checkpoint.pt"], "no such file"),
     (["--eval-only"], "needs --resume"),
     (["--batch-size", "many"], "invalid int value"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--feature-dim", "0"], "--feature-dim must be at least 1"),
+    (["--benchmark", "--method", "simclr", "--batch-size", "100"], "not a multiple"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path):
@@ -454,8 +458,21 @@ def test_resume_rejects_corrupt_and_incompatible_checkpoints(tiny_folder, tmp_pa
     code, line = run_error(["--resume", str(tmp_path / "run" / "checkpoint.pt"),
                             "--arch", "resnet34"], capsys)
     assert code == 2 and "--arch resnet18" in line
+    code, line = run_error(["--resume", str(tmp_path / "run" / "checkpoint.pt"),
+                            "--optimizer", "sgd"], capsys)
+    assert code == 2 and "--optimizer adam" in line
     code, line = run_error(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"), capsys)
     assert code == 2 and "already holds a run" in line          # never overwritten silently
+
+
+def test_resume_takes_checkpoint_settings_but_flags_typed_again_win(tiny_folder, tmp_path):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1", "--lam", "0.1"))
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    cfg, _ = care.configure(*care.parse_command_line(["--resume", ckpt, "--epochs", "200"]))
+    assert cfg.epochs == 200 and cfg.lam == 0.1 and cfg.image_size == 8   # 200 is the default
+    assert cfg.out == str(tmp_path / "run")
+    cfg, _ = care.configure(*care.parse_command_line(["--resume", ckpt, "--lam", "0.03"]))
+    assert cfg.lam == 0.03 and cfg.epochs == 1
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
