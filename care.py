@@ -455,6 +455,15 @@ def make_optimizer(model, cfg, steps_per_epoch):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def build_model(cfg, device):
+    """The encoder (channels_last on CUDA), and the module training calls: the same
+    encoder, compiled with --compile. Evaluation uses the plain one."""
+    model = Encoder(cfg.arch, cfg.feature_dim).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.compile(model, dynamic=False) if cfg.compile else model
+
+
 def train_epoch(model, optimizer, scheduler, data, cfg, generator, epoch):
     """One pass over the training images in a fresh random order; returns the epoch's row.
 
@@ -604,9 +613,7 @@ def run(cfg, ckpt=None):
     log(f"data: {len(data.train_x)} train / {len(data.test_x)} test images, "
         f"{len(data.classes)} classes, loaded in {time.time() - t:.1f}s")
 
-    model = Encoder(cfg.arch, cfg.feature_dim).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model, train_model = build_model(cfg, device)
     optimizer, scheduler = make_optimizer(model, cfg, len(data.train_x) // cfg.batch_size)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     metrics = {"config": vars(cfg), "device": device_name(device), "world_size": 1,
@@ -617,7 +624,6 @@ def run(cfg, ckpt=None):
         start, elapsed = ckpt["epoch"] + 1, ckpt["metrics"]["wall_time_s"]
         metrics["epochs"] = [r for r in ckpt["metrics"]["epochs"] if r["epoch"] <= ckpt["epoch"]]
         log(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
-    train_model = torch.compile(model, dynamic=False) if cfg.compile else model
     t0 = time.time()
 
     if not cfg.eval_only:
@@ -687,10 +693,7 @@ def benchmark(cfg):
     torch.manual_seed(cfg.seed)
     B, S = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
-    model = Encoder(cfg.arch, cfg.feature_dim).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model, dynamic=False) if cfg.compile else model
+    model, net = build_model(cfg, device)
     optimizer, _ = make_optimizer(model, cfg, 1)
     g = torch.Generator(device).manual_seed(cfg.seed)
     n_views = 4 if cfg.method == "care" else 2
