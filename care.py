@@ -33,9 +33,12 @@ import platform
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -114,15 +117,17 @@ def _load_folder(root, split, size, class_to_idx=None):
         samples = ds.make_dataset(folder, class_to_idx, extensions=ds.IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise CareError(f"no images in {folder}: {str(e).splitlines()[0]}") from None
-    images = []
-    for path, _ in samples:                     # once, at load time
-        try:
-            img = TF.pil_to_tensor(ds.default_loader(path))           # RGB uint8 (3, H, W)
+    images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
+
+    def decode(i):                              # once, at load time, on every core
+        try:                                    # (PIL and resize release the GIL)
+            images[i] = _square(TF.pil_to_tensor(ds.default_loader(samples[i][0])), size)
         except OSError as e:
-            raise CareError(f"cannot decode {path}: {str(e).splitlines()[0]}", code=1) from None
-        images.append(_square(img, size))
+            raise CareError(f"cannot decode {samples[i][0]}: {_first_line(e)}", code=1) from None
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(decode, range(len(samples))))
     labels = torch.tensor([c for _, c in samples], dtype=torch.long)
-    return torch.stack(images), labels, class_to_idx
+    return images, labels, class_to_idx
 
 
 def channel_stats(x):
@@ -136,7 +141,7 @@ def channel_stats(x):
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-def load_data(dataset, root, image_size, train_subset=0, seed=0, device="cpu"):
+def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
     """Load both splits, resize them once to image_size, and put them on `device`."""
     if dataset == "folder":
         if not os.path.isdir(root):
@@ -150,8 +155,8 @@ def load_data(dataset, root, image_size, train_subset=0, seed=0, device="cpu"):
         test_x, test_y, _ = _load_torchvision(dataset, root, train=False)
         train_x, test_x = (torch.cat([_square(c, image_size) for c in x.split(4096)])
                            for x in (train_x, test_x))
-    if train_subset:                            # a fixed random subset, for quick runs
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    if train_subset:                            # one fixed random subset, whatever --seed
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
         train_x, train_y = train_x[keep[:train_subset]], train_y[keep[:train_subset]]
     mean, std = channel_stats(train_x)
     return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
@@ -229,16 +234,18 @@ def adjust_hue(x, shift):
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def gaussian_blur(x, sigma):
-    """3x3 Gaussian blur with one sigma per image, reflect padding (as torchvision)."""
-    side = torch.exp(-0.5 / sigma.square())                     # exp(-t^2 / 2 sigma^2), t = 1
-    w = torch.stack([side, torch.ones_like(side), side], 1) / (1 + 2 * side)[:, None]
-    # The 2-D kernel is separable: blur along rows, then along columns. Each pass is a
-    # weighted sum of three shifted copies of the padded batch.
-    H, W = x.shape[2:]
-    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    p = sum(_per_image(w[:, i]) * p[:, :, i:i + H, :] for i in range(3))
-    return sum(_per_image(w[:, i]) * p[:, :, :, i:i + W] for i in range(3))
+def gaussian_blur(x, sigma, kernel_size=3):
+    """Gaussian blur with one sigma per image and reflect padding, as torchvision's."""
+    B, C, H, W = x.shape
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    w = torch.exp(-0.5 * (t / sigma[:, None]).square())                 # (B, k)
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)            # a kernel per channel
+    # The 2-D kernel is separable: blur down the columns, then along the rows, each pass one
+    # grouped convolution in which every (image, channel) plane has its own 1-D kernel.
+    p = F.pad(x, (r, r, r, r), mode="reflect").reshape(1, B * C, H + 2 * r, W + 2 * r)
+    p = F.conv2d(p, w.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return F.conv2d(p, w.view(B * C, 1, 1, kernel_size), groups=B * C).view(B, C, H, W)
 
 
 def random_resized_crop(x, u_scale, u_ratio, u_pos, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -273,7 +280,8 @@ def normalize(x, mean, std):
         tuple(std), x.device).view(1, 3, 1, 1)
 
 
-def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+            scale_min=0.08, blur_kernel=3):
     """Augment a float batch (B, 3, H, W) in [0, 1]; returns normalised views, same shape.
 
     Parameters are drawn once per group of `group_size` consecutive images and shared by
@@ -287,7 +295,7 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
     dev = generator.device if generator is not None else x.device
     u = torch.rand(B // group_size, 1, 31, device=dev, generator=generator).to(x.device)
     u = u.expand(-1, group_size, -1).reshape(B, 31)
-    x = random_resized_crop(x, u[:, 0:10], u[:, 10:20], u[:, 20:22])
+    x = random_resized_crop(x, u[:, 0:10], u[:, 10:20], u[:, 20:22], scale=(scale_min, 1.0))
     x = torch.where(_per_image(u[:, 22] < 0.5), x.flip(3), x)
     # Colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8. Simplification: torchvision applies
     # the four ops in a random order per call; here the order is fixed (b, c, s, h).
@@ -296,8 +304,15 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
     jittered = adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s), hue)
     x = torch.where(_per_image(u[:, 27] < 0.8), jittered, x)
     x = torch.where(_per_image(u[:, 28] < 0.2), rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(_per_image(u[:, 29] < 0.5), gaussian_blur(x, 0.1 + 1.9 * u[:, 30]), x)
+    blurred = gaussian_blur(x, 0.1 + 1.9 * u[:, 30], blur_kernel)
+    x = torch.where(_per_image(u[:, 29] < 0.5), blurred, x)
     return normalize(x, mean, std)
+
+
+def augmenter(cfg, mean, std):
+    """augment() with this run's data statistics, crop scale and blur kernel."""
+    return functools.partial(augment, mean=mean, std=std, scale_min=cfg.crop_scale_min,
+                             blur_kernel=cfg.blur_kernel)
 
 
 # =====================================================================================
@@ -309,19 +324,21 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 class Encoder(nn.Module):
     """x -> (h, z): backbone features h (for evaluation) and unit projection z (for losses).
 
-    A torchvision ResNet with the CIFAR stem: 32x32 images are too small for the ImageNet
-    stem (7x7 stride-2 conv + max-pool would shrink them 4x before the first block), so
-    conv1 becomes 3x3 stride 1 and the max-pool goes. The classifier is dropped; h is the
-    pooled feature (512-d for ResNet-18/34, 2048-d for ResNet-50).
+    A torchvision ResNet. 32x32 images are too small for its ImageNet stem (a 7x7 stride-2
+    conv and a max-pool shrink them 4x before the first block), so the CIFAR stem replaces
+    conv1 by a 3x3 stride-1 conv and drops the max-pool; from 64 px up (STL-10 at 96 px,
+    ImageNet at 224 px) the ImageNet stem stays. The classifier is dropped; h is the pooled
+    feature (512-d for ResNet-18/34, 2048-d for ResNet-50).
     """
 
-    def __init__(self, arch="resnet18", feature_dim=128):
+    def __init__(self, arch="resnet18", feature_dim=128, stem="cifar"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
         net = getattr(torchvision.models, arch)(weights=None)
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
+        if stem == "cifar":
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
         self.dim = net.fc.in_features
         net.fc = nn.Identity()
         self.backbone = net
@@ -337,23 +354,42 @@ class Encoder(nn.Module):
 # =====================================================================================
 # 3. The losses
 # =====================================================================================
-def info_nce(z1, z2, temperature=0.5):
-    """NT-Xent over the 2B views: each view must pick out its partner among the 2B - 1.
-
-    For view i with positive p(i), l_i = -log softmax_k(s_ik / tau)[p(i)], k != i, with
-    s_ik = <z_i, z_k>. That is exactly cross-entropy over the similarity logits with the
-    diagonal removed (set to -inf) and target p(i) = i + B (mod 2B).
-
-    The numerator *aligns* the two views; the log-sum-exp over all other views spreads the
-    embeddings out (uniformity on the sphere). CARE needs the second half: see below.
-    """
+def _similarities(z1, z2, temperature):
+    """Logits s_ik / tau over the 2B views, the diagonal removed, and each view's partner."""
     z = torch.cat([z1, z2]).float()
     n = z.shape[0]
     logits = (z @ z.T) / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    targets = torch.arange(n, device=z.device).roll(n // 2)
-    return F.cross_entropy(logits, targets)
+    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    return logits, torch.arange(n, device=z.device).roll(n // 2)        # p(i) = i + B mod 2B
+
+
+def info_nce(z1, z2, temperature=0.5, anchors=slice(None)):
+    """NT-Xent over the 2B views: each view must pick out its partner among the 2B - 1.
+
+    For view i with positive p(i), l_i = -log softmax_k(s_ik / tau)[p(i)], k != i, with
+    s_ik = <z_i, z_k>: cross-entropy over the similarity logits with the diagonal removed
+    and target p(i). `anchors` picks the views i averaged over (all, or one process's share:
+    see objective()); every view stays a candidate k.
+    """
+    logits, partner = _similarities(z1, z2, temperature)
+    return F.cross_entropy(logits[anchors], partner[anchors])
+
+
+# InfoNCE's two halves. Write s_i = s_{i,p(i)} / tau for the positive and
+# N_i = sum_{k not in {i, p(i)}} exp(s_ik / tau) for the negatives only. Then
+#     l_i = -s_i + log(exp(s_i) + N_i) = [-s_i] + [log N_i] + log(1 + exp(s_i) / N_i).
+# alignment = mean_i(-s_i) pulls t x and t' x together: invariance.
+# uniformity = mean_i log N_i pushes every other pair apart: the non-collapse term.
+# So info_nce = alignment + uniformity + mean_i log(1 + exp(s_i) / N_i), a remainder that is
+# positive and small while one positive weighs little against 2B - 2 negatives. Training
+# `uniformity + lam * equivariance_loss` (--contrastive uniformity) drops invariance
+# altogether: only the rotation structure and the spread remain.
+def alignment_uniformity(z1, z2, temperature=0.5, anchors=slice(None)):
+    """(alignment, uniformity), the two halves of info_nce, as the reference computes them."""
+    logits, partner = _similarities(z1, z2, temperature)
+    logits, partner = logits[anchors], partner[anchors, None]
+    negatives = logits.scatter(1, partner, float("-inf"))
+    return -logits.gather(1, partner).mean(), torch.logsumexp(negatives, 1).mean()
 
 
 # The orthogonal equivariance loss, and why it works.
@@ -379,14 +415,24 @@ def info_nce(z1, z2, temperature=0.5):
 #     rotation (the paper proves the population version).
 #
 # (3) Alone, this loss collapses: a constant encoder makes every entry of both Gram
-#     matrices 1. InfoNCE's denominator (uniformity) prevents that. Its numerator pulls
-#     t x and t' x together, i.e. asks the rotation to be *small*: CARE sits between
-#     invariance (R = I, SimCLR) and free equivariance.
+#     matrices 1. InfoNCE's denominator (uniformity, above) prevents that. Its numerator
+#     (alignment) pulls t x and t' x together, i.e. asks the rotation to be *small*: CARE
+#     sits between invariance (R = I, SimCLR) and free equivariance (--contrastive
+#     uniformity, which the paper finds non-trivial but weaker).
 #
 # (4) lam trades the two off. lam = 0 is SimCLR: augmentations are erased. As lam grows
 #     the encoder is pushed to keep augmentations (colour, crop) as rotations, which keeps
 #     information SimCLR throws away; too large and the rotation term crowds out
 #     alignment. The reference uses lam = 0.03 on CIFAR-10.
+#
+# (5) One pair (a, a') per group is what the derivation asks: each group is its own test
+#     of "one augmentation moves these n images by one rotation". The authors' CIFAR code
+#     draws one pair per *batch* (--pair-per batch): its sampling runs once per step, so
+#     every image gets the same a and the same a'. Each view set has its own forward pass
+#     (as there), so BatchNorm then normalises a batch that all carries a: it subtracts
+#     the mean shift a causes in every channel before z is formed, the part of a that is
+#     easiest to see, and the equivariance loss gets easier. One pair per group keeps a
+#     mix of augmentations in every batch, so BatchNorm cannot remove them.
 #
 # The diagonal of G - G' is zero for unit vectors, so leaving it out changes nothing
 # there; the scaling 2/n (twice the mean over rows) is the reference implementation's.
@@ -409,32 +455,90 @@ def equivariance_loss(z1, z2, group_size):
 # =====================================================================================
 # 4. Training
 # =====================================================================================
-def train_step(model, optimizer, images, cfg, generator, mean, std):
-    """One step on a uint8 batch; returns [loss, info_nce, equivariance] on the device.
+# Speed settings, chosen per run (README, Speed): mixed precision runs the encoder in a
+# 16-bit float where the hardware computes in one natively, while the losses stay float32;
+# channels_last stores images and convolution weights with the channels innermost, the
+# layout the fast convolution kernels of GPUs and of CPUs alike want.
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TERMS = ("loss", "info_nce", "alignment", "uniformity", "equivariance")   # one row per step
+
+
+def amp_dtype(precision, device):
+    """--precision auto: bf16 where the hardware has it (CUDA compute capability 8 and up,
+    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100: bf16 is slow there),
+    else fp32."""
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    elif precision == "auto":
+        native = (getattr(torch.cpu, f, lambda: False)()
+                  for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        precision = "bf16" if any(native) else "fp32"
+    return PRECISIONS[precision]
+
+
+def autocast(cfg, device):
+    dtype = amp_dtype(cfg.precision, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def grad_scaler(cfg, device):
+    """fp16 needs its loss scaled against underflowing gradients; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type,
+                                enabled=amp_dtype(cfg.precision, device) == torch.float16)
+
+
+def train_step(model, optimizer, scaler, images, cfg, generator, aug, one_pass=False):
+    """One step on a uint8 batch; returns the TERMS on the device.
 
     CARE makes four views per image, as the reference does: two per-image views (t x,
-    t' x) for InfoNCE and two group-shared views (a x, a' x) for the equivariance loss.
-    SimCLR makes only the first two. All views go through the encoder as one batch (the
-    reference runs four forward passes, so its BatchNorm statistics are per view set).
+    t' x) for InfoNCE and two group-shared views (a x, a' x) for the equivariance loss;
+    SimCLR only the first two. Each view set has its own forward pass, as in the
+    reference, so BatchNorm's batch statistics are per view set (see (5) above); on a CPU
+    four passes of B images are also faster than one of 4B. one_pass=True runs all views
+    as one batch (the benchmark's "plain" step).
     """
     x = images.float().div_(255)
-    views = [augment(x, 1, generator, mean, std) for _ in range(2)]
+    views = [aug(x, 1, generator) for _ in range(2)]
     if cfg.method == "care":
-        views += [augment(x, cfg.group_size, generator, mean, std) for _ in range(2)]
-    v = torch.cat(views)
-    if v.is_cuda:
-        v = v.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(v.device.type, dtype=torch.bfloat16, enabled=v.is_cuda):
-        _, z = model(v)
-    z = z.float().chunk(len(views))                     # the losses run in float32
-    nce = info_nce(z[0], z[1], cfg.temperature)
-    equi = (equivariance_loss(z[2], z[3], cfg.group_size) if cfg.method == "care"
-            else torch.zeros((), device=v.device))
-    loss = nce + cfg.lam * equi
+        shared = cfg.group_size if cfg.pair_per == "group" else len(x)
+        views += [aug(x, shared, generator) for _ in range(2)]
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    with autocast(cfg, x.device):
+        if one_pass:
+            z = model(torch.cat(views).contiguous(memory_format=layout))[1].chunk(len(views))
+        else:
+            z = [model(v.contiguous(memory_format=layout))[1] for v in views]
+    terms = objective(z, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return torch.stack([loss, nce, equi]).detach()
+    scaler.scale(terms[0]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return terms.detach()
+
+
+def objective(z, cfg):
+    """The TERMS from the views' projections, in float32: loss = contrastive + lam * equi.
+
+    Under torchrun each of W processes holds b = B / W images of the global batch B.
+    InfoNCE needs all 2B views as candidates, so every process gathers z from all, with
+    gradient, and averages l_i over its own 2b anchors: L_r. The mean of the L_r is the
+    one-process loss on the global batch. In backward the gather returns to each process
+    the sum over r of dL_r / d(its own z), and DDP averages parameter gradients over the
+    processes, so the update is (1/W) sum_r dL_r/dtheta: the one-process gradient. The
+    equivariance loss needs no gather, since a group never straddles two processes.
+    """
+    z1, z2, anchors = z[0].float(), z[1].float(), slice(None)
+    if dist.is_initialized():
+        b, rank, world = len(z1), dist.get_rank(), dist.get_world_size()
+        z1, z2 = (torch.cat(dist_nn.all_gather(t)) for t in (z1, z2))
+        mine = torch.arange(rank * b, (rank + 1) * b, device=z1.device)
+        anchors = torch.cat([mine, mine + world * b])            # rows of z1, then of z2
+    nce = info_nce(z1, z2, cfg.temperature, anchors)
+    alignment, uniformity = alignment_uniformity(z1, z2, cfg.temperature, anchors)
+    equi = (equivariance_loss(z[2], z[3], cfg.group_size) if cfg.method == "care"
+            else torch.zeros((), device=z1.device))
+    loss = (nce if cfg.contrastive == "infonce" else uniformity) + cfg.lam * equi
+    return torch.stack([loss, nce, alignment, uniformity, equi])
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -456,30 +560,52 @@ def make_optimizer(model, cfg, steps_per_epoch):
 
 
 def build_model(cfg, device):
-    """The encoder (channels_last on CUDA), and the module training calls: the same
-    encoder, compiled with --compile. Evaluation uses the plain one."""
-    model = Encoder(cfg.arch, cfg.feature_dim).to(device)
-    if device.type == "cuda":
+    """The encoder, and the module training calls: the same encoder, under torchrun
+    wrapped in DistributedDataParallel and with --compile compiled. Evaluation, the
+    checkpoint and the figures use the plain encoder."""
+    model = Encoder(cfg.arch, cfg.feature_dim, cfg.stem).to(device)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.compile(model, dynamic=False) if cfg.compile else model
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = model
+    if dist.is_initialized():                   # gradients averaged across processes
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)            # BatchNorm running stats: process 0's own
+    return model, torch.compile(net, dynamic=False) if cfg.compile else net
 
 
-def train_epoch(model, optimizer, scheduler, data, cfg, generator, epoch):
+def random_stream(device, *key):
+    """A generator seeded by a key such as (seed, epoch, rank). Seeding each epoch afresh
+    makes a resumed run draw exactly what the uninterrupted run draws, with no random
+    state to save, and a run resumed on another device never replays an earlier epoch."""
+    return torch.Generator(device).manual_seed(hash(key) % 2**63)
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
     """One pass over the training images in a fresh random order; returns the epoch's row.
 
     Losses stay on the device, one row per step; the host reads them once per log
-    interval, so the GPU never waits for Python in between.
+    interval, so the GPU never waits for Python in between. Under torchrun every process
+    draws the same order and trains on its own slice of each global batch.
     """
-    N, B = len(data.train_x), cfg.batch_size
-    steps = N // B                                      # the last partial batch is dropped
-    order = torch.randperm(N, device=data.train_x.device, generator=generator)
-    losses = torch.zeros(steps, 3, device=data.train_x.device)
-    live, read, t0 = sys.stdout.isatty(), 0, time.time()
+    rank, world = rank_and_world()
+    N, B, dev = len(data.train_x), cfg.batch_size, data.train_x.device
+    b, steps = B // world, N // B                       # the last partial batch is dropped
+    order = torch.randperm(N, device=dev, generator=random_stream(dev, cfg.seed, epoch))
+    generator = random_stream(dev, cfg.seed, epoch, rank)   # this process's augmentations
+    losses = torch.zeros(steps, len(TERMS), device=dev)
+    live, read, t0 = sys.stdout.isatty() and rank == 0, 0, time.time()
     last_line = t0
     for step in range(steps):
-        idx = order[step * B:(step + 1) * B]            # consecutive images: random groups
-        losses[step] = train_step(model, optimizer, data.train_x[idx], cfg, generator,
-                                  data.mean, data.std)
+        first = step * B + rank * b                     # consecutive images: random groups
+        losses[step] = train_step(model, optimizer, scaler, data.train_x[order[first:first + b]],
+                                  cfg, generator, aug)
         scheduler.step()
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
@@ -491,24 +617,25 @@ def train_epoch(model, optimizer, scheduler, data, cfg, generator, epoch):
             raise CareError(f"non-finite loss at epoch {epoch} step {read + int(bad[0]) + 1}/"
                             f"{steps}: stopped; {kept}. Try a lower --lr", code=1)
         read, elapsed = step + 1, time.time() - t0
-        per_step = elapsed / (step + 1)
-        eta = per_step * (steps - step - 1)
-        line = (f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss "
-                f"{seen[-1, 0].item():.4f} | {(step + 1) * B / elapsed:.0f} img/s | eta epoch "
-                f"{_hms(eta)}, run {_hms(eta + per_step * steps * (cfg.epochs - epoch))}")
+        eta = elapsed / read * (steps - read)
+        line = (f"epoch {epoch}/{cfg.epochs} step {read}/{steps} loss {seen[-1, 0].item():.4f}"
+                f" | {read * B / elapsed:.0f} img/s | eta epoch {_hms(eta)}, run "
+                f"{_hms(eta + elapsed / read * steps * (cfg.epochs - epoch))}")
         if live:
             print("\r" + line.ljust(100), end="", flush=True)
-        elif time.time() - last_line > 30:              # in a log file: a line per 30 s
+        elif rank == 0 and time.time() - last_line > 30:    # in a log file: a line per 30 s
             print(line, flush=True)
             last_line = time.time()
     if live:
         print("\r" + " " * 100 + "\r", end="", flush=True)
-    seconds = time.time() - t0
-    loss, nce, equi = losses.mean(0).tolist()
-    return {"epoch": epoch, "loss": loss, "info_nce": nce,
-            "equivariance": equi if cfg.method == "care" else None, "knn_top1": None,
-            "images_per_s": steps * B / seconds, "seconds": seconds,
-            "lr": scheduler.get_last_lr()[0]}
+    if world > 1:
+        dist.all_reduce(losses)                         # record the means over processes
+        losses /= world
+    seconds, terms = time.time() - t0, dict(zip(TERMS, losses.mean(0).tolist()))
+    if cfg.method != "care":
+        terms["equivariance"] = None
+    return {"epoch": epoch, **terms, "knn_top1": None, "images_per_s": steps * B / seconds,
+            "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
 
 
 def atomic_save(obj, path):
@@ -534,27 +661,28 @@ def load_checkpoint(path):
     except Exception as e:
         raise CareError(f"--resume {path}: cannot read it as a checkpoint "
                         f"({_first_line(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch", "rng"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model", "config", "epoch", "metrics"} <= ckpt.keys():
         raise CareError(f"--resume {path}: not a care.py checkpoint")
     return ckpt
 
 
-def restore(ckpt, model, optimizer, scheduler, generator, log):
-    """Load weights, optimizer and scheduler state, and every random stream."""
+def restore(ckpt, model, optimizer, scheduler, scaler):
+    """Load weights, optimizer, scheduler and loss-scaler state. The random streams need
+    nothing: they are seeded by (seed, epoch)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
     except (RuntimeError, ValueError, KeyError) as e:
         raise CareError(f"--resume: the checkpoint does not fit this model "
                         f"({_first_line(e)[:160]})") from None
-    rng = ckpt["rng"]
-    if rng["device"] != generator.device.type:
-        log(f"note: the checkpoint's random stream is {rng['device']}'s; on "
-            f"{generator.device.type} the run continues with a fresh one")
-        return
-    generator.set_state(rng["generator"])       # data order and every augmentation
-    torch.set_rng_state(rng["torch"])
+    # The optimizer's moments arrive in the checkpoint's memory layout; give them their
+    # parameter's (channels_last), or Adam leaves its fast multi-tensor path.
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                state[k] = torch.empty_like(p).copy_(v)
 
 
 def _first_line(e):
@@ -565,12 +693,13 @@ def _hms(s):
     return f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
 
 
-def logger(path):
-    """print(), and append the same line to the run's log file."""
+def logger(path, speak=True):
+    """print(), and append the same line to the run's log file (only process 0 speaks)."""
     def log(msg=""):
-        print(msg, flush=True)
-        with open(path, "a") as f:
-            f.write(msg + "\n")
+        if speak:
+            print(msg, flush=True)
+            with open(path, "a") as f:
+                f.write(msg + "\n")
     return log
 
 
@@ -584,98 +713,131 @@ def device_name(device):
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
-HEADER = "epoch |    loss | info_nce | equivariance | kNN top-1 |  img/s |    time"
+HEADER = ("epoch |    loss | info_nce | alignment | uniformity | equivariance | kNN top-1 | "
+          " img/s |    time")
 
 
 def table_row(r):
-    f = lambda key, spec, unit="": "-" if r[key] is None else format(r[key], spec) + unit
+    f = lambda key, spec, unit="": "-" if r.get(key) is None else format(r[key], spec) + unit
     return (f"{r['epoch']:>5} | {f('loss', '.4f'):>7} | {f('info_nce', '.4f'):>8} | "
+            f"{f('alignment', '.4f'):>9} | {f('uniformity', '.4f'):>10} | "
             f"{f('equivariance', '.5f'):>12} | {f('knn_top1', '.2f', '%'):>9} | "
             f"{f('images_per_s', '.0f'):>6} | {f('seconds', '.1f', 's'):>7}")
 
 
+def setup(cfg):
+    """The device (one GPU per process under torchrun), the process group, the seed."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)                 # the initial weights: equal on every process
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # autotune convolutions for fixed shapes
+    return device
+
+
 def run(cfg, ckpt=None):
     """Train (or with --eval-only just evaluate), recording everything under cfg.out."""
-    device = pick_device(cfg.device)
+    device = setup(cfg)
+    rank, world = rank_and_world()
     os.makedirs(cfg.out, exist_ok=True)
-    log = logger(os.path.join(cfg.out, "train.log"))
-    ckpt_path, metrics_path = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True          # autotune convolutions for fixed shapes
+    log = logger(os.path.join(cfg.out, "train.log"), speak=rank == 0)
+    precision = str(amp_dtype(cfg.precision, device)).removeprefix("torch.")
     log(f"care.py | {cfg.method} | {cfg.dataset} {cfg.image_size}px | {cfg.arch} | "
-        f"{device_name(device)} | out: {cfg.out}")
+        f"{device_name(device)}{f' x {world} processes' if world > 1 else ''} | {precision}"
+        f" | out: {cfg.out}")
+    log(f"settings: {command_line(cfg)}")
     t = time.time()
-    data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, cfg.seed, device)
+    data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
     if len(data.train_x) < cfg.batch_size:
         raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
                         f"--batch-size {cfg.batch_size}")
     log(f"data: {len(data.train_x)} train / {len(data.test_x)} test images, "
         f"{len(data.classes)} classes, loaded in {time.time() - t:.1f}s")
-
     model, train_model = build_model(cfg, device)
     optimizer, scheduler = make_optimizer(model, cfg, len(data.train_x) // cfg.batch_size)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    metrics = {"config": vars(cfg), "device": device_name(device), "world_size": 1,
-               "wall_time_s": 0.0, "linear_top1": None, "epochs": []}
-    start, elapsed, feats = 1, 0.0, None
+    scaler = grad_scaler(cfg, device)
+    metrics = {"config": vars(cfg), "device": device_name(device), "world_size": world,
+               "precision": precision, "wall_time_s": 0.0, "linear_top1": None, "epochs": []}
     if ckpt is not None:
-        restore(ckpt, model, optimizer, scheduler, generator, log)
-        start, elapsed = ckpt["epoch"] + 1, ckpt["metrics"]["wall_time_s"]
+        restore(ckpt, model, optimizer, scheduler, scaler)
+        metrics["wall_time_s"] = ckpt["metrics"]["wall_time_s"]
         metrics["epochs"] = [r for r in ckpt["metrics"]["epochs"] if r["epoch"] <= ckpt["epoch"]]
         log(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
-    t0 = time.time()
-
+    clock = time.time() - metrics["wall_time_s"]        # wall time of the whole run
+    aug, feats = augmenter(cfg, data.mean, data.std), None
     if not cfg.eval_only:
-        log(HEADER)
-        for row in metrics["epochs"]:                   # the story so far, when resuming
-            log(table_row(row))
-        if start == 1:                                  # epoch 0: the untrained encoder
-            feats = features(model, data)
-            metrics["epochs"].append({"epoch": 0, "loss": None, "info_nce": None,
-                                      "equivariance": None, "knn_top1": knn_top1(*feats, k=cfg.knn_k),
-                                      "images_per_s": None, "seconds": None})
-            log(table_row(metrics["epochs"][0]))
-        saved = epoch = start - 1
-        try:
-            for epoch in range(start, cfg.epochs + 1):
-                row = train_epoch(train_model, optimizer, scheduler, data, cfg, generator, epoch)
+        feats = train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug,
+                      metrics, log, clock)
+    return evaluate_run(cfg, model, data, aug, metrics, feats, log, clock) if rank == 0 else None
+
+
+def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metrics, log, clock):
+    """The epoch loop: train, monitor kNN, save; Ctrl-C keeps the last finished epoch."""
+    rank, world = rank_and_world()
+    ckpt_path, metrics_path = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
+    log(HEADER)
+    for row in metrics["epochs"]:                       # the story so far, when resuming
+        log(table_row(row))
+    start, feats = metrics["epochs"][-1]["epoch"] + 1 if metrics["epochs"] else 1, None
+    if start == 1 and rank == 0:                        # epoch 0: the untrained encoder
+        feats = features(model, data)
+        metrics["epochs"].append({"epoch": 0, **dict.fromkeys(TERMS), "knn_top1": knn_top1(
+            *feats, k=cfg.knn_k), "images_per_s": None, "seconds": None})
+        log(table_row(metrics["epochs"][0]))
+    saved = epoch = start - 1
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            row = train_epoch(train_model, optimizer, scheduler, scaler, data, cfg, epoch, aug)
+            if rank == 0:                               # the others wait at the barrier
                 feats = None
                 if epoch % cfg.knn_every == 0 or epoch == cfg.epochs:
                     feats = features(model, data)
                     row["knn_top1"] = knn_top1(*feats, k=cfg.knn_k)
                 metrics["epochs"].append(row)
-                metrics["wall_time_s"] = elapsed + time.time() - t0
+                metrics["wall_time_s"] = time.time() - clock
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch,
-                             "config": vars(cfg), "metrics": metrics,
-                             "rng": {"device": device.type, "generator": generator.get_state(),
-                                     "torch": torch.get_rng_state()}}, ckpt_path)
-                saved = epoch
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch, "config": vars(cfg), "metrics": metrics}, ckpt_path)
                 atomic_save(metrics, metrics_path)
                 log(table_row(row))
-        except KeyboardInterrupt:                       # Ctrl-C or SIGTERM
-            if sys.stdout.isatty():
-                print()                                 # end the live progress line
-            metrics["epochs"] = [r for r in metrics["epochs"] if r["epoch"] <= saved]
-            if saved >= 1:
-                atomic_save(metrics, metrics_path)      # in step with the checkpoint
-            log(f"interrupted during epoch {epoch}: " + (
-                f"{ckpt_path} and {metrics_path} hold epoch {saved}; continue with: "
-                f"python care.py --resume {ckpt_path}" if saved >= 1
-                else "no epoch had finished, nothing to resume"))
-            raise SystemExit(130)
+            saved = epoch
+            if world > 1:
+                dist.barrier()
+    except KeyboardInterrupt:                           # Ctrl-C or SIGTERM
+        if sys.stdout.isatty() and rank == 0:
+            print()                                     # end the live progress line
+        metrics["epochs"] = [r for r in metrics["epochs"] if r["epoch"] <= saved]
+        if saved >= 1 and rank == 0:
+            atomic_save(metrics, metrics_path)          # in step with the checkpoint
+        log(f"interrupted during epoch {epoch}: " + (
+            f"{ckpt_path} and {metrics_path} hold epoch {saved}; continue with: "
+            f"python care.py --resume {ckpt_path}" if saved >= 1
+            else "no epoch had finished, nothing to resume"))
+        raise SystemExit(130)
+    return feats
 
-    # Final evaluation: linear probe on the last features (extracted once), geometry.
+
+def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
+    """Process 0, after training: linear probe(s) and geometry; the record and figures."""
     feats = feats or features(model, data)
     t = time.time()
     metrics["linear_top1"] = linear_probe(*feats, epochs=cfg.probe_epochs, seed=cfg.seed)
     log(f"linear probe top-1: {metrics['linear_top1']:.2f}% "
         f"({cfg.probe_epochs} epochs on frozen features, {time.time() - t:.1f}s)")
-    metrics["diagnostics"] = geometry_diagnostics(model, data)
+    if cfg.linear_eval == "reference":
+        t = time.time()
+        metrics["linear_top1_reference"] = reference_linear_eval(model, data, aug, cfg)
+        log(f"reference linear evaluation top-1: {metrics['linear_top1_reference']:.2f}% "
+            f"({cfg.probe_epochs} epochs on freshly augmented images, {time.time() - t:.1f}s)")
+    metrics["diagnostics"] = geometry_diagnostics(model, data, aug)
     for line in diagnostics_lines(metrics["diagnostics"]):
         log(line)
-    metrics["wall_time_s"] = elapsed + time.time() - t0
+    metrics["wall_time_s"] = time.time() - clock
+    metrics_path = os.path.join(cfg.out, "metrics.json")
     atomic_save(metrics, metrics_path)
     draw_run(metrics, cfg.out)
     log(f"done in {_hms(metrics['wall_time_s'])}: {metrics_path}, curves.png, geometry.png")
@@ -683,93 +845,133 @@ def run(cfg, ckpt=None):
 
 
 def benchmark(cfg):
-    """--benchmark: time full training steps against bare network steps.
+    """--benchmark: time full training steps against bare network steps and plain steps.
 
-    A bare step is the network alone: encoder + head forward and backward on views made
-    beforehand, a trivial loss, the same optimizer. The ratio full / bare is what the
-    augmentation, the two losses and the bookkeeping add on top of the network.
+    A bare step is the network alone: the encoder forward and backward on views made
+    beforehand, a trivial loss, the same optimizer and speed settings; full / bare is what
+    augmentation, the losses and the bookkeeping add. The plain step is the CARE step
+    without the speed settings (one forward pass for all views, fp32, contiguous, eager);
+    plain / full is what they buy.
     """
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = setup(cfg)
     B, S = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
+    g, aug = torch.Generator(device).manual_seed(cfg.seed), augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
+    plain = argparse.Namespace(**{**vars(cfg), "method": "care", "precision": "fp32",
+                                  "channels_last": False, "compile": False})
+
+    def stepper(c, one_pass=False, **change):
+        model, net = build_model(c, device)
+        opt, scaler = make_optimizer(model, c, 1)[0], grad_scaler(c, device)
+        c = argparse.Namespace(**{**vars(c), **change})
+        return lambda: train_step(net, opt, scaler, images, c, g, aug, one_pass)
+
     model, net = build_model(cfg, device)
-    optimizer, _ = make_optimizer(model, cfg, 1)
-    g = torch.Generator(device).manual_seed(cfg.seed)
+    opt, scaler = make_optimizer(model, cfg, 1)[0], grad_scaler(cfg, device)
     n_views = 4 if cfg.method == "care" else 2
-    views = torch.cat([augment(images.float() / 255, 1 if i < 2 else cfg.group_size, g)
-                       for i in range(n_views)])
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    views = [aug(images.float() / 255, 1 if i < 2 else cfg.group_size, g).contiguous(
+        memory_format=layout) for i in range(n_views)]
 
     def bare():
-        _, z = _forward(net, views)
-        optimizer.zero_grad(set_to_none=True)
-        z.mean().backward()
-        optimizer.step()
+        with autocast(cfg, device):
+            loss = sum(net(v)[1].float().mean() for v in views)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
-    def full(method):
-        c = argparse.Namespace(**{**vars(cfg), "method": method})
-        return lambda: train_step(net, optimizer, images, c, g, CIFAR10_MEAN, CIFAR10_STD)
+    kinds = {"care": stepper(cfg, method="care"), "simclr": stepper(cfg, method="simclr"),
+             "bare": bare, "plain": stepper(plain, one_pass=True)}
+    med = time_steps(kinds, device, cfg.bench_warmup, cfg.bench_steps)
+    result = {"care_step_s": med["care"], "simclr_step_s": med["simclr"],
+              "bare_step_s": med["bare"], "plain_step_s": med["plain"],
+              "overhead_ratio": med[cfg.method] / med["bare"],
+              "care_simclr_ratio": med["care"] / med["simclr"],
+              "speedup_vs_plain": med["plain"] / med["care"],
+              "images_per_s": B / med[cfg.method], "device": device_name(device),
+              "precision": str(amp_dtype(cfg.precision, device)).removeprefix("torch."),
+              "host_syncs": count_host_syncs(kinds["care"]) if device.type == "cuda" else None,
+              "config": vars(cfg)}
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_save(result, os.path.join(cfg.out, "benchmark.json"))
+    print_benchmark(result, cfg, n_views)
+    return result
 
-    kinds = {"care": full("care"), "simclr": full("simclr"), "bare": bare}
+
+def time_steps(kinds, device, warmup, steps):
+    """Median seconds per step of each kind, the kinds interleaved: equal conditions."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in kinds}
-    for i in range(cfg.bench_warmup + cfg.bench_steps):  # interleaved: equal conditions
+    for i in range(warmup + steps):
         for kind, step in kinds.items():
             sync()
             t = time.perf_counter()
             step()
             sync()
-            if i >= cfg.bench_warmup:
+            if i >= warmup:
                 times[kind].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    result = {"care_step_s": med["care"], "simclr_step_s": med["simclr"],
-              "bare_step_s": med["bare"], "overhead_ratio": med[cfg.method] / med["bare"],
-              "care_simclr_ratio": med["care"] / med["simclr"],
-              "images_per_s": B / med[cfg.method], "device": device_name(device),
-              "config": vars(cfg)}
-    os.makedirs(cfg.out, exist_ok=True)
-    atomic_save(result, os.path.join(cfg.out, "benchmark.json"))
-    print(f"benchmark: {cfg.arch}, batch {B} x {S}px, {result['device']}, median of "
-          f"{cfg.bench_steps} steps after {cfg.bench_warmup} warm-up\n"
-          f"  full {cfg.method:<6} step: augment {n_views} x {B} views, forward, losses, backward, "
-          f"{cfg.optimizer} {med[cfg.method] * 1e3:9.1f} ms\n"
-          f"  bare step: forward, backward, {cfg.optimizer} on {n_views} x {B} ready views"
-          f"{' ' * 13}{med['bare'] * 1e3:9.1f} ms\n"
-          f"  overhead ratio {result['overhead_ratio']:.3f} | CARE / SimCLR step time "
-          f"{result['care_simclr_ratio']:.2f} | {result['images_per_s']:.0f} images/s -> "
-          f"{os.path.join(cfg.out, 'benchmark.json')}")
-    return result
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def count_host_syncs(step):
+    """Run one step with CUDA's sync debug mode on; count the host syncs it reports."""
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.set_sync_debug_mode(0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def print_benchmark(r, cfg, n_views):
+    c, B, ms = r["config"], cfg.batch_size, lambda k: f"{r[k] * 1e3:9.1f} ms"
+    print(f"benchmark: {c['arch']}, batch {B} x {c['image_size']}px, {r['device']}, "
+          f"{r['precision']}, {'channels_last' if c['channels_last'] else 'contiguous'}, "
+          f"{'compiled' if c['compile'] else 'eager'}; median of {c['bench_steps']} steps "
+          f"after {c['bench_warmup']} warm-up\n"
+          f"  care step   augment 4 x {B} views, 4 forward passes, losses, backward {ms('care_step_s')}\n"
+          f"  simclr step augment 2 x {B} views, 2 forward passes, loss, backward   {ms('simclr_step_s')}\n"
+          f"  bare step   forward, backward on {n_views} x {B} ready views{' ' * 21}{ms('bare_step_s')}\n"
+          f"  plain step  CARE, one forward pass of {4 * B} views, fp32, contiguous  {ms('plain_step_s')}\n"
+          f"  overhead ratio {r['overhead_ratio']:.3f} | CARE / SimCLR step {r['care_simclr_ratio']:.2f}"
+          f" | speedup vs plain {r['speedup_vs_plain']:.2f} | {r['images_per_s']:.0f} images/s"
+          + (f" | host syncs in a step: {r['host_syncs']}" if r["host_syncs"] is not None else "")
+          + f" -> {os.path.join(cfg.out, 'benchmark.json')}")
 
 
 # =====================================================================================
-# 5. Evaluation
+# 5. Evaluation (in float32, on process 0)
 # =====================================================================================
-def _forward(model, x):
-    """Encoder forward for evaluation: bf16 and channels_last on CUDA, float32 out."""
-    if x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-        h, z = model(x)
-    return h.float(), z
-
-
 @torch.no_grad()
-def embed(model, images, mean, std, batch_size=1024):
-    """Backbone features h and projections z of un-augmented uint8 images."""
+def embed(model, images, transform, batch_size=1024):
+    """Backbone features h and projections z of uint8 images, each batch mapped to the
+    encoder's input by `transform` (normalise, or augment)."""
     was_training = model.training
     model.eval()
-    hs, zs = zip(*(_forward(model, normalize(c.float() / 255, mean, std))
-                   for c in images.split(batch_size)))
+    hs, zs = zip(*(model(transform(c.float() / 255)) for c in images.split(batch_size)))
     model.train(was_training)
-    return torch.cat(hs), torch.cat(zs)
+    return torch.cat(hs).float(), torch.cat(zs)
+
+
+def labelled(data):
+    """The training images that have a label (STL-10's unlabelled split has -1)."""
+    if data.train_y.min() >= 0:                 # no copy of the whole split when all are
+        return data.train_x, data.train_y
+    keep = data.train_y >= 0
+    return data.train_x[keep], data.train_y[keep]
 
 
 def features(model, data):
     """(train_h, train_y, test_h, test_y) on the labelled images, for kNN and the probe."""
-    labelled = data.train_y >= 0
-    train_h, _ = embed(model, data.train_x[labelled], data.mean, data.std)
-    test_h, _ = embed(model, data.test_x, data.mean, data.std)
-    return train_h, data.train_y[labelled], test_h, data.test_y
+    train_x, train_y = labelled(data)
+    clean = functools.partial(normalize, mean=data.mean, std=data.std)
+    return (embed(model, train_x, clean)[0], train_y, embed(model, data.test_x, clean)[0],
+            data.test_y)
 
 
 @torch.no_grad()
@@ -788,24 +990,46 @@ def knn_top1(train_h, train_y, test_h, test_y, k=200, temperature=0.5, chunk=102
 
 
 def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, lr=1e-3, seed=0):
-    """Linear evaluation: a linear layer trained with Adam on frozen, un-augmented
-    backbone features (standardised with the training statistics). Test top-1 in percent."""
+    """The fast linear evaluation: a linear layer trained with Adam (cosine schedule) on
+    frozen, un-augmented backbone features, extracted once and standardised with the
+    training statistics. Test top-1 in percent."""
     mu, sd = train_h.mean(0), train_h.std(0) + 1e-6
-    x_train, x_test = (train_h - mu) / sd, (test_h - mu) / sd
-    clf = nn.Linear(x_train.shape[1], int(train_y.max()) + 1).to(x_train.device)
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(x_train) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    g = torch.Generator(x_train.device).manual_seed(seed)
+    return fit_linear(lambda: (train_h - mu) / sd, train_y, (test_h - mu) / sd, test_y,
+                      epochs, batch_size, lr, 0.0, seed, cosine=True)
+
+
+def reference_linear_eval(model, data, aug, cfg):
+    """--linear-eval reference, the authors' protocol: the linear layer trained with Adam
+    1e-3, weight decay 1e-6, batch 512, on the frozen backbone applied to freshly augmented
+    training images every epoch (one backbone pass over the split per epoch); tested on
+    un-augmented images. (Their backbone stays in train mode; here it is frozen in eval
+    mode, BatchNorm included.)"""
+    train_x, train_y = labelled(data)
+    g = torch.Generator(train_x.device).manual_seed(cfg.seed)
+    fresh = lambda: embed(model, train_x, lambda x: aug(x, 1, g))[0]
+    return fit_linear(fresh, train_y, features(model, data)[2], data.test_y, cfg.probe_epochs,
+                      512, 1e-3, 1e-6, cfg.seed, cosine=False)
+
+
+def fit_linear(epoch_features, train_y, test_h, test_y, epochs, batch_size, lr, weight_decay,
+               seed, cosine):
+    """Train a linear classifier with Adam on epoch_features() (called once per epoch)."""
+    clf = nn.Linear(test_h.shape[1], int(train_y.max()) + 1).to(test_h.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train_y) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))) if cosine else 1.0)
+    g = torch.Generator(test_h.device).manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(len(x_train), device=x_train.device, generator=g).split(batch_size):
-            loss = F.cross_entropy(clf(x_train[idx]), train_y[idx])
+        x = epoch_features()
+        for idx in torch.randperm(len(x), device=x.device, generator=g).split(batch_size):
+            loss = F.cross_entropy(clf(x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     with torch.no_grad():
-        return 100 * (clf(x_test).argmax(1) == test_y).float().mean().item()
+        return 100 * (clf(test_h).argmax(1) == test_y).float().mean().item()
 
 
 # Geometry diagnostics: does an augmentation act on the embedding as a rotation?
@@ -813,19 +1037,31 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, l
 # Z = z(a x) and Z' = z(a' x). CARE's loss says Z Z^T = Z' Z'^T, i.e. Z' = Z R^T for an
 # orthogonal R. We measure how far that holds, against two reference maps: the identity
 # (pure invariance, SimCLR's ideal) and an unconstrained linear map (the most a linear
-# map can explain). Always: linear <= rotation <= identity.
+# map can explain). Always: linear <= rotation <= identity. How far the best rotation
+# turns (its angle) says whether the rotations are small, as alignment asks.
 HUE_SHIFTS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def residuals(Z, Z2):
-    """Share of the variance of Z' left unexplained by Z itself, by the best rotation
-    of Z (orthogonal Procrustes) and by the best linear map of Z (least squares)."""
+    """Share of the variance of Z' left unexplained by Z itself, by the best rotation of Z
+    (orthogonal Procrustes) and by the best linear map of Z (least squares); and the
+    angle of that best rotation."""
     Z, Z2 = Z.double().cpu(), Z2.double().cpu()
     total = (Z2 - Z2.mean(0)).square().sum()
     U, _, Vh = torch.linalg.svd(Z.T @ Z2)          # Z^T Z' = U S V^T -> Q = U V^T
     maps = {"identity": torch.eye(Z.shape[1], dtype=Z.dtype), "procrustes": U @ Vh,
             "linear": torch.linalg.lstsq(Z, Z2).solution}
-    return {f"{k}_residual": ((Z @ M - Z2).square().sum() / total).item() for k, M in maps.items()}
+    out = {f"{k}_residual": ((Z @ M - Z2).square().sum() / total).item() for k, M in maps.items()}
+    return {**out, "rotation_angle_deg": rotation_angle_deg(Z, maps["procrustes"])}
+
+
+def rotation_angle_deg(Z, Q):
+    """How far the rotation z -> z Q turns the embeddings Z (unit rows): the mean angle
+    between z and z Q, in degrees. 0 for the identity; theta for a turn by theta in every
+    plane. (Averaging the phases of Q's eigenvalues instead would count the directions no
+    embedding uses, where the best rotation is arbitrary.)"""
+    cos = (Z * (Z @ Q)).sum(1) / Z.norm(dim=1).square()
+    return math.degrees(cos.clamp(-1, 1).acos().mean().item())
 
 
 def gram_error(Z, Z2):
@@ -836,92 +1072,113 @@ def gram_error(Z, Z2):
 
 
 @torch.no_grad()
-def geometry_diagnostics(model, data, n_images=512, n_pairs=8, seed=0):
-    """gram_error, the three residuals (means over K pairs) and hue_cosine by shift."""
-    was_training = model.training
-    model.eval()
+def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0):
+    """gram_error, the residuals and rotation angle (means over K pairs), and the hue
+    sensitivity of h and of z by shift."""
     g = torch.Generator(data.test_x.device).manual_seed(seed)
     pick = torch.randperm(len(data.test_x), device=data.test_x.device, generator=g)[:n_images]
-    x = data.test_x[pick].float() / 255
-    out = {"images": len(x), "pairs": n_pairs, "gram_error": 0.0, "identity_residual": 0.0,
-           "procrustes_residual": 0.0, "linear_residual": 0.0}
+    x = data.test_x[pick]
+    out = {"images": len(x), "pairs": n_pairs}
     for _ in range(n_pairs):                            # group_size = all: one (a, a')
-        _, Z = _forward(model, augment(x, len(x), g, data.mean, data.std))
-        _, Z2 = _forward(model, augment(x, len(x), g, data.mean, data.std))
+        (_, Z), (_, Z2) = (embed(model, x, lambda v: aug(v, len(v), g), n_images)
+                           for _ in range(2))
         for k, v in {"gram_error": gram_error(Z, Z2), **residuals(Z, Z2)}.items():
-            out[k] += v / n_pairs
-    # Colour sensitivity: cosine between h(x) and h(x with its hue turned by delta).
-    h, _ = _forward(model, normalize(x, data.mean, data.std))
-    out["hue_cosine"] = {str(d): F.cosine_similarity(h, _forward(model, normalize(
-        adjust_hue(x, d), data.mean, data.std))[0]).mean().item() for d in HUE_SHIFTS}
-    model.train(was_training)
+            out[k] = out.get(k, 0.0) + v / n_pairs
+    # Colour sensitivity: cosine between the embeddings of x and of x with its hue turned
+    # by delta, on h (what evaluation reads) and on z (where the losses act).
+    clean = functools.partial(normalize, mean=data.mean, std=data.std)
+    h, z = embed(model, x, clean)
+    shifted = {d: embed(model, x, lambda v: clean(adjust_hue(v, d))) for d in HUE_SHIFTS}
+    for key, i, ref in (("hue_cosine", 0, h), ("hue_cosine_z", 1, z)):
+        out[key] = {str(d): F.cosine_similarity(ref, e[i]).mean().item() for d, e in shifted.items()}
     return out
 
 
 def diagnostics_lines(d):
+    hue = lambda key: "  ".join(f"{k}: {v:.3f}" for k, v in d[key].items())
     return [f"geometry on {d['images']} test images x {d['pairs']} augmentation pairs: "
-            f"gram error {d['gram_error']:.4f}",
+            f"gram error {d['gram_error']:.4f}, best rotation turns "
+            f"{d['rotation_angle_deg']:.1f} degrees",
             f"  residual share of z(a'x) given z(ax): identity {d['identity_residual']:.3f}, "
             f"rotation {d['procrustes_residual']:.3f}, linear {d['linear_residual']:.3f}",
-            "  hue cosine of h: " + "  ".join(f"{k}: {v:.3f}" for k, v in d["hue_cosine"].items())]
+            f"  hue cosine of h: {hue('hue_cosine')}", f"  hue cosine of z: {hue('hue_cosine_z')}"]
 
 
 # =====================================================================================
-# 6. Plots (matplotlib, headless): one run, or several runs overlaid
+# 6. Plots (matplotlib, headless): one run, or groups of runs that differ only by seed
 # =====================================================================================
+def _stats(values):
+    """(mean, standard deviation) of the numbers among values; (None, None) if none."""
+    v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+    return (None, None) if not len(v) else (v.mean().item(), v.std().item() if len(v) > 1 else 0.0)
+
+
 def summary(m):
     """The numbers a reader compares between runs, from one metrics.json."""
-    d, knn = m.get("diagnostics") or {}, [r["knn_top1"] for r in m["epochs"] if r["knn_top1"] is not None]
+    d, knn = m.get("diagnostics") or {}, [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
     return {"kNN %": knn[-1] if knn else None, "linear %": m.get("linear_top1"),
             "Gram err": d.get("gram_error"), "Procrustes": d.get("procrustes_residual"),
-            "hue cos 0.5": d.get("hue_cosine", {}).get("0.5"), "wall min": m["wall_time_s"] / 60}
+            "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": d.get("hue_cosine", {}).get("0.5"),
+            "hue z 0.5": d.get("hue_cosine_z", {}).get("0.5"), "wall min": m["wall_time_s"] / 60}
 
 
-def _curve(ax, runs, key, title, ylabel):
-    for label, m in runs:
-        pts = [(r["epoch"], r[key]) for r in m["epochs"] if r.get(key) is not None]
-        ax.plot(*(zip(*pts) if pts else ([], [])), marker="o" if len(pts) < 30 else None, ms=3,
-                label=label if pts else f"{label} (not computed)")
-    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+def _curve(ax, groups, key, title):
+    for label, ms in groups:
+        by_epoch = {}
+        for m in ms:
+            for r in m["epochs"]:
+                if r.get(key) is not None:
+                    by_epoch.setdefault(r["epoch"], []).append(r[key])
+        epochs = sorted(by_epoch)
+        mean, sd = zip(*(_stats(by_epoch[e]) for e in epochs)) if epochs else ((), ())
+        line, = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, ms=3,
+                        label=label if epochs else f"{label} (not computed)")
+        if len(ms) > 1 and epochs:                      # the spread over seeds
+            ax.fill_between(epochs, [a - b for a, b in zip(mean, sd)],
+                            [a + b for a, b in zip(mean, sd)], color=line.get_color(), alpha=0.2)
+    ax.set(title=title, xlabel="epoch")
 
 
-def _residual_bars(ax, runs):
-    width = 0.8 / len(runs)
-    for i, (label, m) in enumerate(runs):
-        d = m.get("diagnostics") or {}
-        ax.bar([j + i * width for j in range(3)],
-               [d.get(f"{k}_residual", 0) for k in ("identity", "procrustes", "linear")], width,
-               label=f"{label} (Gram error {d.get('gram_error', float('nan')):.4f})")
+def _residual_bars(ax, groups):
+    width = 0.8 / len(groups)
+    for i, (label, ms) in enumerate(groups):
+        d = lambda k: _stats([(m.get("diagnostics") or {}).get(k) for m in ms])
+        bars = [d(f"{k}_residual") for k in ("identity", "procrustes", "linear")]
+        ax.bar([j + i * width for j in range(3)], [b[0] or 0 for b in bars], width,
+               yerr=[b[1] or 0 for b in bars],
+               label=f"{label} (Gram error {d('gram_error')[0] or float('nan'):.4f}, "
+                     f"rotation {d('rotation_angle_deg')[0] or float('nan'):.1f} deg)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(3)],
                   ["identity\n(invariance)", "best rotation\n(Procrustes)", "best linear\nmap"])
     ax.set(title="How well z(a x) predicts z(a' x)", ylabel="unexplained share of variance")
 
 
-def _hue_curve(ax, runs):
-    for label, m in runs:
-        hue = (m.get("diagnostics") or {}).get("hue_cosine", {})
-        ax.plot([float(k) for k in hue], list(hue.values()), marker="o", label=label)
-    ax.set(title="Colour sensitivity: cos(h(x), h(hue-shifted x))",
+def _hue_curve(ax, groups):
+    for label, ms in groups:
+        for key, style in (("hue_cosine", "-"), ("hue_cosine_z", "--")):
+            curves = [(m.get("diagnostics") or {}).get(key) or {} for m in ms]
+            shifts = list(curves[0])
+            ax.plot([float(s) for s in shifts], [_stats([c.get(s) for c in curves])[0] for s in shifts],
+                    style, marker="o", label=f"{label}: {'h' if key == 'hue_cosine' else 'z'}")
+    ax.set(title="Colour sensitivity: cos(e(x), e(hue-shifted x))",
            xlabel="hue shift (fraction of a turn)", ylabel="mean cosine similarity")
 
 
-def _summary_text(ax, runs):
+def _summary_text(ax, groups):
     ax.axis("off")
-    ax.set_title("Final numbers")
-    ax.text(0, 1, "\n\n".join(label + "".join(
-        f"\n  {k:<12}{'-' if v is None else f'{v:.4g}'}" for k, v in summary(m).items())
-        for label, m in runs), va="top", family="monospace", fontsize=8)
+    ax.set_title("Final numbers (mean +- sd over seeds)")
+    ax.text(0, 1, "\n\n".join(f"{label} ({len(ms)} run{'s' * (len(ms) > 1)})" + "".join(
+        f"\n  {k:<11}{v}" for k, v in group_summary(ms).items()) for label, ms in groups),
+        va="top", family="monospace", fontsize=7)
 
 
-PANELS = {"info_nce": lambda ax, r: _curve(ax, r, "info_nce", "InfoNCE loss (training)", "loss"),
-          "equivariance": lambda ax, r: _curve(ax, r, "equivariance",
-                                               "Equivariance loss (training)", "loss"),
-          "knn": lambda ax, r: _curve(ax, r, "knn_top1", "kNN top-1 on the test split", "%"),
+PANELS = {**{k: functools.partial(_curve, key=k, title=f"{k} (training)") for k in TERMS[1:]},
+          "knn": functools.partial(_curve, key="knn_top1", title="kNN top-1 % on the test split"),
           "residuals": _residual_bars, "hue": _hue_curve, "summary": _summary_text}
 
 
-def plot(runs, path, rows, title):
-    """Draw panels for runs = [(label, metrics), ...]; rows = [[panel names], ...]."""
+def plot(groups, path, rows, title):
+    """Draw panels for groups = [(label, [metrics, ...]), ...]; rows = [[panel names]]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -929,9 +1186,11 @@ def plot(runs, path, rows, title):
     fig, axes = plt.subplots(len(rows), cols, figsize=(4.6 * cols, 3.8 * len(rows)), squeeze=False)
     for ax_row, names in zip(axes, rows):
         for ax, name in zip(ax_row, names):
-            PANELS[name](ax, runs)
+            PANELS[name](ax, groups)
             if name != "summary":
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7)
+        for ax in ax_row[len(names):]:
+            ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -946,51 +1205,152 @@ def run_title(m):
 
 
 def draw_run(metrics, out):
-    runs, title = [(metrics["config"]["method"].upper(), metrics)], run_title(metrics)
-    plot(runs, os.path.join(out, "curves.png"), [["info_nce", "equivariance", "knn"]], title)
-    plot(runs, os.path.join(out, "geometry.png"), [["residuals", "hue"]], title)
+    groups, title = [(metrics["config"]["method"].upper(), [metrics])], run_title(metrics)
+    plot(groups, os.path.join(out, "curves.png"),
+         [["alignment", "uniformity", "equivariance", "knn"]], title)
+    plot(groups, os.path.join(out, "geometry.png"), [["residuals", "hue"]], title)
+
+
+# Settings that tell runs apart in --compare (the seed does not: runs that differ only by
+# seed are one group, reported as mean and spread).
+VARIANT_KEYS = ("method", "contrastive", "lam", "pair_per", "group_size", "temperature", "arch",
+                "dataset", "image_size", "train_subset", "epochs", "batch_size", "optimizer",
+                "lr", "precision")
+
+
+def group_summary(ms):
+    return {k: "-" if mean is None else f"{mean:.4g}" + (f" +- {sd:.2g}" if len(ms) > 1 else "")
+            for k, (mean, sd) in ((k, _stats([summary(m)[k] for m in ms])) for k in summary(ms[0]))}
 
 
 def compare(dirs, out):
-    """--compare: overlay runs' curves and geometry into out/compare.png; print a table."""
+    """--compare: group the runs by setting (seeds pooled), draw out/compare.png, print a
+    table of means and spreads."""
     runs = []
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "metrics.json")):
             raise CareError(f"--compare {d}: no metrics.json there")
         with open(os.path.join(d, "metrics.json")) as f:
-            m = json.load(f)
-        runs.append((f"{m['config']['method'].upper()}: {os.path.basename(os.path.normpath(d))}", m))
+            runs.append(json.load(f))
+    varying = [k for k in VARIANT_KEYS[1:] if len({str(m["config"].get(k)) for m in runs}) > 1]
+    groups = {}
+    for m in runs:
+        c = m["config"]
+        label = c["method"] + "".join(f" {k.replace('_', '-')}={c.get(k)}" for k in varying
+                                      if k != "lam" or c["method"] == "care")
+        groups.setdefault(label, []).append(m)
+    groups = list(groups.items())
     os.makedirs(out, exist_ok=True)
-    plot(runs, os.path.join(out, "compare.png"),
-         [["info_nce", "equivariance", "knn"], ["residuals", "hue", "summary"]],
-         "\n".join(run_title(m) for _, m in runs))
-    print(f"{'run':<30}" + "".join(f"{k:>12}" for k in summary(runs[0][1])))
-    for label, m in runs:
-        print(f"{label:<30}" + "".join(f"{'-' if v is None else f'{v:.4g}':>12}"
-                                       for v in summary(m).values()))
+    plot(groups, os.path.join(out, "compare.png"),
+         [["info_nce", "alignment", "uniformity", "equivariance"],
+          ["knn", "residuals", "hue", "summary"]], run_title(runs[0]) + " (first run)")
+    width = max(len(label) for label, _ in groups) + 2
+    print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>16}" for k in summary(runs[0])))
+    for label, ms in groups:
+        print(f"{label:<{width}}{len(ms):>5}" + "".join(f"{v:>16}" for v in group_summary(ms).values()))
     print(f"figure: {os.path.join(out, 'compare.png')}")
+
+
+def draw_augmentations(cfg):
+    """--augmentations: x, t x, t' x (per-image views) and a x, a' x (group-shared views)
+    for two groups of four test images, into --out/augmentations.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = load_data(cfg.dataset, cfg.data_root, cfg.image_size)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = data.test_x[torch.randperm(len(data.test_x), generator=g)[:8]].float() / 255
+    aug = augmenter(cfg, data.mean, data.std)
+    rows = {"x": x, "t x": aug(x, 1, g), "t' x": aug(x, 1, g), "a x": aug(x, 4, g),
+            "a' x": aug(x, 4, g)}
+    fig, axes = plt.subplots(5, 9, figsize=(9, 5.6), gridspec_kw={"width_ratios": [1] * 4 + [0.25] + [1] * 4})
+    for ax_row, (name, v) in zip(axes, rows.items()):
+        if name != "x":                                 # undo the normalisation to show it
+            v = v * _const(tuple(data.std), v.device).view(1, 3, 1, 1) + _const(
+                tuple(data.mean), v.device).view(1, 3, 1, 1)
+        for j, ax in enumerate(ax_row):
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 4:
+                ax.axis("off")
+                continue
+            ax.imshow(v[j - (j > 4)].clamp(0, 1).permute(1, 2, 0).numpy())
+            ax.spines[:].set_visible(False)
+        ax_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
+    axes[0, 1].set_title("group 1", loc="right"), axes[0, 6].set_title("group 2", loc="right")
+    fig.suptitle("t, t': drawn per image (InfoNCE)    a, a': drawn once per group of 4 "
+                 "(equivariance loss)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(cfg.out, exist_ok=True)
+    fig.savefig(os.path.join(cfg.out, "augmentations.png"), dpi=110)
+    plt.close(fig)
+    print(f"figure: {os.path.join(cfg.out, 'augmentations.png')}")
 
 
 # =====================================================================================
 # 7. Command line
 # =====================================================================================
+# The reference recipe of each dataset (the authors' scripts; ../shared/METHOD.md). A flag
+# the user does not type takes its dataset's value; typed flags win.
+RECIPES = {
+    "cifar10": dict(lam=0.03, group_size=16, optimizer="adam", lr=1e-3, weight_decay=1e-6,
+                    lr_schedule="constant"),
+    "cifar100": dict(lam=0.001, group_size=64, optimizer="adam", lr=1e-3, weight_decay=1e-6,
+                     lr_schedule="constant"),
+    "stl10": dict(lam=0.01, group_size=32, optimizer="sgd", lr=0.06, weight_decay=5e-4,
+                  lr_schedule="cosine"),
+}
+RECIPES["folder"] = RECIPES["cifar10"]
+# The settings that define a training run: the header prints them as flags, and a resumed
+# run may not change the first group (the model, its data and its optimizer).
+FIXED_ON_RESUME = ("method", "contrastive", "arch", "stem", "feature_dim", "dataset",
+                   "image_size", "train_subset", "group_size", "pair_per", "batch_size", "seed",
+                   "optimizer", "lr", "weight_decay", "crop_scale_min", "blur_kernel")
+RUN_SETTINGS = FIXED_ON_RESUME + ("lam", "temperature", "epochs", "lr_schedule",
+                                  "warmup_epochs", "precision")
+
+
+def command_line(cfg):
+    """The flags that repeat this run's training."""
+    flag = lambda k, v: f"--{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}"
+    return " ".join(flag(k, getattr(cfg, k)) for k in RUN_SETTINGS
+                    if k != "warmup_epochs" or cfg.lr_schedule == "cosine")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):                   # one line, no usage block
         print(f"care.py: error: {message} (see python care.py --help)", file=sys.stderr)
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):         # recipe flags: no "(default: None)"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
+    recipes = "\n".join(f"  {name:<9}" + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.items())
+                        for name, r in RECIPES.items())
     p = Parser(description="CARE / SimCLR self-supervised training, evaluation and figures "
-               "in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "in one file. Several processes: torchrun --nproc_per_node=N care.py ...",
+               formatter_class=HelpFormatter,
+               epilog=f"defaults that depend on --dataset (its reference recipe):\n{recipes}")
+    by_dataset = " (default: by --dataset, below)"
     a = p.add_argument_group("method").add_argument
     a("--method", choices=["care", "simclr"], default="care",
-      help="care: InfoNCE + lam * equivariance loss; simclr: InfoNCE only (lam = 0)")
-    a("--lam", type=float, default=0.03, help="weight lambda of the equivariance loss")
-    a("--group-size", type=int, default=16,
-      help="images per group sharing one augmentation pair (a, a'); divides --batch-size")
+      help="care: contrastive + lam * equivariance loss; simclr: contrastive only (lam = 0)")
+    a("--contrastive", choices=["infonce", "uniformity"], default="infonce",
+      help="the contrastive term: InfoNCE, or only its uniformity half (no invariance)")
+    a("--lam", type=float, help="weight lambda of the equivariance loss" + by_dataset)
+    a("--group-size", type=int,
+      help="images per group sharing one augmentation pair (a, a'); divides the batch of "
+           "each process" + by_dataset)
+    a("--pair-per", choices=["group", "batch"], default="group",
+      help="draw (a, a') once per group (the derivation), or once per batch (the authors' "
+           "CIFAR code)")
     a("--temperature", type=float, default=0.5, help="InfoNCE temperature tau")
-    a("--arch", choices=ARCHS, default="resnet18", help="backbone (CIFAR stem)")
+    a("--arch", choices=ARCHS, default="resnet18", help="backbone")
+    a("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
+      help="auto: the CIFAR stem below 64 px, the ImageNet stem from 64 px up")
     a("--feature-dim", type=int, default=128, help="dimension of the projection z")
     a = p.add_argument_group("data").add_argument
     a("--dataset", choices=[*TORCHVISION_DATASETS, "folder"], default="cifar10",
@@ -1000,22 +1360,38 @@ def build_parser():
     a("--image-size", type=int, default=32, help="images are resized once, at load time")
     a("--train-subset", type=int, default=0,
       help="train on a fixed random subset of N images (0: all), for quick runs")
+    a("--crop-scale-min", type=float, default=0.08, help="smallest crop area, as a share")
+    a("--blur-kernel", type=int, default=3, help="Gaussian blur kernel size (odd)")
     a = p.add_argument_group("optimisation").add_argument
     a("--epochs", type=int, default=200, help="training epochs (0: evaluate the initial encoder)")
-    a("--batch-size", type=int, default=256, help="images per step (CARE: 4 views each)")
-    a("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd uses momentum 0.9")
-    a("--lr", type=float, default=1e-3, help="learning rate")
-    a("--weight-decay", type=float, default=1e-6, help="L2 weight decay of the optimizer")
-    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
-      help="cosine: linear warm-up, then cosine decay to 0 at --epochs")
+    a("--batch-size", type=int, default=256,
+      help="images per step, over all processes (CARE: 4 views each)")
+    a("--optimizer", choices=["adam", "sgd"], help="sgd uses momentum 0.9" + by_dataset)
+    a("--lr", type=float, help="learning rate" + by_dataset)
+    a("--weight-decay", type=float, help="L2 weight decay of the optimizer" + by_dataset)
+    a("--lr-schedule", choices=["constant", "cosine"],
+      help="cosine: linear warm-up, then cosine decay to 0 at --epochs" + by_dataset)
     a("--warmup-epochs", type=int, default=10, help="warm-up length for --lr-schedule cosine")
-    a("--seed", type=int, default=0, help="seeds the model, data order, augmentation, subset")
+    a("--seed", type=int, default=0, help="seeds the model, data order and augmentation")
+    a = p.add_argument_group("speed and devices").add_argument
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
+    a("--precision", choices=["auto", *PRECISIONS], default="auto",
+      help="encoder arithmetic (losses stay fp32). auto: bf16 on GPUs of compute capability "
+           "8+ and on CPUs with AVX512-BF16 or AMX, fp16 with loss scaling on older GPUs, "
+           "else fp32")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+      help="channels-innermost memory layout (faster on GPUs and CPUs)")
     a("--compile", action="store_true", help="torch.compile the encoder for training")
+    a("--sync-bn", action="store_true",
+      help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of "
+           "each process's share (SyncBatchNorm; slower)")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     a("--knn-k", type=int, default=200, help="neighbours in the weighted kNN")
-    a("--probe-epochs", type=int, default=100, help="epochs of the final linear probe")
+    a("--probe-epochs", type=int, default=100, help="epochs of the final linear evaluation")
+    a("--linear-eval", choices=["fast", "reference"], default="fast",
+      help="fast: a probe on features extracted once; reference: also the authors' protocol "
+           "(freshly augmented images every epoch: --probe-epochs backbone passes)")
     a("--log-every", type=int, default=20, help="steps between progress updates")
     a("--out", default=None, help="run folder; if unset: runs/<method>-<dataset>, or the "
       "folder of the --resume checkpoint")
@@ -1025,22 +1401,19 @@ def build_parser():
     a("--eval-only", action="store_true", help="with --resume: only evaluate the checkpoint")
     a = p.add_argument_group("other modes").add_argument
     a("--compare", nargs="+", metavar="DIR",
-      help="overlay the runs in these folders into --out/compare.png and print a table")
+      help="group these runs (seeds pooled) into --out/compare.png and print a table")
     a("--benchmark", action="store_true",
-      help="time full training steps against bare encoder steps; writes --out/benchmark.json")
+      help="time training steps against bare and plain steps; writes --out/benchmark.json")
     a("--bench-steps", type=int, default=10, help="timed steps per kind in --benchmark")
     a("--bench-warmup", type=int, default=3, help="untimed warm-up steps in --benchmark")
+    a("--augmentations", action="store_true",
+      help="draw x, t x, t' x, a x, a' x for two groups of test images: --out/augmentations.png")
     return p
 
 
-# Settings that define the model and its data: a resumed run may not change them.
-FIXED_ON_RESUME = ("method", "arch", "feature_dim", "dataset", "image_size", "train_subset",
-                   "group_size", "batch_size", "seed", "optimizer", "lr", "weight_decay")
-
-
 def configure(args, given):
-    """Merge a resumed checkpoint's settings with the flags `given` on the command line,
-    then validate."""
+    """Settings: typed flags, else the resumed checkpoint's, else the --dataset recipe;
+    then validated."""
     ckpt = None
     if args.eval_only and not args.resume:
         raise CareError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
@@ -1054,33 +1427,14 @@ def configure(args, given):
             if k not in given and k not in ("resume", "eval_only", "out"):
                 setattr(args, k, v)
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
+    for k, v in RECIPES[args.dataset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.method == "simclr":
         args.lam = 0.0
-    checks = [                                  # `not x > 0` also catches nan
-        (args.group_size < 1, f"--group-size must be at least 1, got {args.group_size}"),
-        (args.batch_size < 2, f"--batch-size must be at least 2, got {args.batch_size}"),
-        ((args.method == "care" or args.benchmark) and args.group_size >= 1
-         and args.batch_size % args.group_size,
-         f"--batch-size {args.batch_size} is not a multiple of --group-size {args.group_size}"),
-        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
-        (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-        (not args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
-        (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.feature_dim < 1, f"--feature-dim must be at least 1, got {args.feature_dim}"),
-        (args.image_size < 4, f"--image-size must be at least 4, got {args.image_size}"),
-        (args.train_subset < 0, f"--train-subset must be >= 0, got {args.train_subset}"),
-        (min(args.knn_every, args.knn_k, args.log_every, args.bench_steps) < 1,
-         "--knn-every, --knn-k, --log-every and --bench-steps must be at least 1"),
-        (args.probe_epochs < 0 or args.warmup_epochs < 0,
-         "--probe-epochs and --warmup-epochs must be >= 0"),
-        (args.dataset == "folder" and not args.benchmark and not os.path.isdir(args.data_root),
-         f"--data-root {args.data_root} does not exist (--dataset folder needs DIR/train/<class>/ "
-         f"and DIR/test/<class>/)"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise CareError(message)
+    if args.stem == "auto":
+        args.stem = "cifar" if args.image_size < 64 else "imagenet"
+    validate(args)
     args.data_root = os.path.abspath(args.data_root)      # the record works from anywhere
     args.out = args.out or os.path.join("runs", "benchmark" if args.benchmark
                                         else f"{args.method}-{args.dataset}")
@@ -1089,8 +1443,52 @@ def configure(args, given):
     if os.path.exists(existing) and not args.benchmark and not continuing:
         raise CareError(f"{args.out} already holds a run: continue it with --resume "
                         f"{os.path.join(args.out, 'checkpoint.pt')}, or choose another --out")
-    pick_device(args.device)
     return args, ckpt
+
+
+def validate(args):
+    """Every check that needs no data: a bad flag fails here, before any work is done."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    b = args.batch_size // world                # each process's share of the batch
+    checks = [                                  # `not x > 0` also catches nan
+        (args.group_size < 1, f"--group-size must be at least 1, got {args.group_size}"),
+        (args.batch_size < 2, f"--batch-size must be at least 2, got {args.batch_size}"),
+        (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the "
+                                  f"{world} processes"),
+        ((args.method == "care" or args.benchmark) and args.group_size >= 1 and b % args.group_size,
+         f"--batch-size {args.batch_size} is not a multiple of --group-size {args.group_size}"
+         + (f" on each of {world} processes ({b} images each)" if world > 1 else "")),
+        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
+        (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (not args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
+        (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (args.feature_dim < 1, f"--feature-dim must be at least 1, got {args.feature_dim}"),
+        (args.image_size < 4, f"--image-size must be at least 4, got {args.image_size}"),
+        (args.train_subset < 0, f"--train-subset must be >= 0, got {args.train_subset}"),
+        (not 0 < args.crop_scale_min <= 1, f"--crop-scale-min must be in (0, 1], got "
+                                          f"{args.crop_scale_min}"),
+        (args.blur_kernel < 1 or args.blur_kernel % 2 == 0 or args.blur_kernel // 2 >= args.image_size,
+         f"--blur-kernel must be odd and smaller than twice --image-size, got {args.blur_kernel}"),
+        (min(args.knn_every, args.knn_k, args.log_every, args.bench_steps) < 1,
+         "--knn-every, --knn-k, --log-every and --bench-steps must be at least 1"),
+        (args.probe_epochs < 0 or args.warmup_epochs < 0,
+         "--probe-epochs and --warmup-epochs must be >= 0"),
+        (args.dataset == "folder" and not args.benchmark and not os.path.isdir(args.data_root),
+         f"--data-root {args.data_root} does not exist (--dataset folder needs DIR/train/<class>/ "
+         f"and DIR/test/<class>/)"),
+        (world > 1 and (args.benchmark or args.augmentations),
+         "--benchmark and --augmentations run in one process: start them with python, not torchrun"),
+        (args.sync_bn and pick_device(args.device).type != "cuda",
+         "--sync-bn needs CUDA (SyncBatchNorm has no CPU version); drop it on the CPU"),
+        (pick_device(args.device).type == "cuda" and torch.cuda.device_count() < local,
+         f"{local} processes on this node but {torch.cuda.device_count()} GPUs: start at "
+         f"most one process per GPU"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise CareError(message)
 
 
 def pick_device(name):
@@ -1111,26 +1509,44 @@ def parse_command_line(argv=None):
     return args, set(vars(parser.parse_args(argv)))
 
 
+def _out_of_memory(e):
+    """An out-of-memory error, also when torch.compile wraps it in its own exception."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        e = e.__cause__ or e.__context__ or getattr(e, "inner_exception", None)
+    return False
+
+
 def main(argv=None):
     args, given = parse_command_line(argv)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM = Ctrl-C
+    speak = os.environ.get("RANK", "0") == "0"  # under torchrun only process 0 reports
     try:
         if args.compare:
             return compare(args.compare, args.out or os.path.join("runs", "compare"))
         cfg, ckpt = configure(args, given)
+        if cfg.augmentations:
+            return draw_augmentations(cfg)
         return benchmark(cfg) if cfg.benchmark else run(cfg, ckpt)
     except CareError as e:
-        print(f"care.py: error: {e}", file=sys.stderr)
+        if speak:
+            print(f"care.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.code)
-    except torch.cuda.OutOfMemoryError:
-        print("care.py: error: out of GPU memory: lower --batch-size or --image-size, or use "
-              "a smaller --arch", file=sys.stderr)
-        raise SystemExit(1)
     except KeyboardInterrupt:                   # outside the training loop: nothing to keep
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        if speak:
+            print("care.py: error: out of GPU memory: lower --batch-size or --image-size, or "
+                  "use a smaller --arch", file=sys.stderr)
+        raise SystemExit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
