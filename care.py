@@ -25,6 +25,7 @@ The file reads top to bottom in the paper's order:
     python care.py --help
 """
 import argparse
+import datetime
 import functools
 import json
 import math
@@ -33,6 +34,7 @@ import platform
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,6 +46,11 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 from torchvision.ops import roi_align
+
+
+# torch marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
+# module; it is still the public all-gather with gradient, which the InfoNCE needs.
+warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
 
 
 class CareError(Exception):
@@ -60,9 +67,6 @@ class CareError(Exception):
 # CIFAR-10's 50,000 training images are 150 MB as uint8: they fit on any GPU. Holding
 # them there removes the data loader, its worker processes and the per-image PIL
 # transforms; a batch is an index into a tensor and augmentation runs on the device.
-
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
-
 
 @dataclass
 class Data:
@@ -83,7 +87,7 @@ def _square(x, size):
 
 
 def _load_torchvision(name, root, train):
-    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    cls = getattr(torchvision.datasets, name.upper())       # CIFAR10, CIFAR100, STL10
     kw = {"split": "train+unlabeled" if train else "test"} if name == "stl10" else {"train": train}
     try:
         ds = cls(root, download=False, **kw)
@@ -91,9 +95,8 @@ def _load_torchvision(name, root, train):
         try:
             ds = cls(root, download=True, **kw)
         except Exception as e:
-            reason = _first_line(e)
             raise CareError(
-                f"could not download {name} into {root} ({reason}). Offline? Download it on a "
+                f"could not download {name} into {root} ({_first_line(e)}). Offline? Get it on a "
                 f"connected machine with python -c \"import torchvision; torchvision.datasets."
                 f"{cls.__name__}('data', download=True)\" and copy data/ to --data-root, or "
                 f"use --dataset folder --data-root DIR with DIR/train/<class>/ and "
@@ -143,10 +146,7 @@ def channel_stats(x):
 
 def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
     """Load both splits, resize them once to image_size, and put them on `device`."""
-    if dataset == "folder":
-        if not os.path.isdir(root):
-            raise CareError(f"--data-root {root} does not exist (--dataset folder needs "
-                            f"DIR/train/<class>/ and DIR/test/<class>/)")
+    if dataset == "folder":                     # (validate() checked that root exists)
         train_x, train_y, class_to_idx = _load_folder(root, "train", image_size)
         test_x, test_y, _ = _load_folder(root, "test", image_size, class_to_idx)
         classes = list(class_to_idx)
@@ -190,10 +190,7 @@ def _per_image(v):
     return v.view(-1, 1, 1, 1)
 
 
-def rgb_to_grayscale(x):
-    """ITU-R 601-2 luma, as torchvision: (B, 3, H, W) -> (B, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+rgb_to_grayscale = TF.rgb_to_grayscale          # ITU-R 601-2 luma: (B, 3, H, W) -> (B, 1, H, W)
 
 
 def _blend(x, y, factor):
@@ -543,11 +540,10 @@ def objective(z, cfg):
 
 def make_optimizer(model, cfg, steps_per_epoch):
     """Adam (the reference) or SGD, with a constant or warm-up + cosine learning rate."""
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
-                              weight_decay=cfg.weight_decay)
+    sgd = functools.partial(torch.optim.SGD, momentum=0.9)
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else sgd)(   # fused: no host sync
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,  # in fp16's loss scaling
+        fused=next(model.parameters()).is_cuda or None)
     warm, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
 
     def lr_factor(step):
@@ -571,8 +567,7 @@ def build_model(cfg, device):
     net = model
     if dist.is_initialized():                   # gradients averaged across processes
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False)            # BatchNorm running stats: process 0's own
+            model, device_ids=[device] if device.type == "cuda" else None)
     return model, torch.compile(net, dynamic=False) if cfg.compile else net
 
 
@@ -597,7 +592,8 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
     rank, world = rank_and_world()
     N, B, dev = len(data.train_x), cfg.batch_size, data.train_x.device
     b, steps = B // world, N // B                       # the last partial batch is dropped
-    order = torch.randperm(N, device=dev, generator=random_stream(dev, cfg.seed, epoch))
+    # The order is drawn on the CPU: a GPU's randperm depends on the GPU model for large N.
+    order = torch.randperm(N, generator=random_stream("cpu", cfg.seed, epoch)).to(dev)
     generator = random_stream(dev, cfg.seed, epoch, rank)   # this process's augmentations
     losses = torch.zeros(steps, len(TERMS), device=dev)
     live, read, t0 = sys.stdout.isatty() and rank == 0, 0, time.time()
@@ -609,7 +605,10 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
         scheduler.step()
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
-        seen = losses[read:step + 1].cpu()              # the one host sync per interval
+        seen = losses[read:step + 1].clone()
+        if world > 1:                                   # every process stops, or none
+            dist.all_reduce(seen)
+        seen = seen.cpu()                               # the one host sync per interval
         bad = (~torch.isfinite(seen)).any(1).nonzero()
         if len(bad):
             kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch - 1}" if epoch > 1
@@ -732,10 +731,13 @@ def setup(cfg):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(hours=2))   # process 0 evaluates
     torch.manual_seed(cfg.seed)                 # the initial weights: equal on every process
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # autotune convolutions for fixed shapes
+        torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (--precision fp32, evaluation)
     return device
 
 
@@ -750,8 +752,12 @@ def run(cfg, ckpt=None):
         f"{device_name(device)}{f' x {world} processes' if world > 1 else ''} | {precision}"
         f" | out: {cfg.out}")
     log(f"settings: {command_line(cfg)}")
-    t = time.time()
+    t, first = time.time(), int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()                          # one process per node downloads, the rest wait
     data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
+    if world > 1 and first:
+        dist.barrier()
     if len(data.train_x) < cfg.batch_size:
         raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
                         f"--batch-size {cfg.batch_size}")
@@ -802,6 +808,7 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                              "epoch": epoch, "config": vars(cfg), "metrics": metrics}, ckpt_path)
+                saved = epoch
                 atomic_save(metrics, metrics_path)
                 log(table_row(row))
             saved = epoch
@@ -813,9 +820,10 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
         metrics["epochs"] = [r for r in metrics["epochs"] if r["epoch"] <= saved]
         if saved >= 1 and rank == 0:
             atomic_save(metrics, metrics_path)          # in step with the checkpoint
+        launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
         log(f"interrupted during epoch {epoch}: " + (
             f"{ckpt_path} and {metrics_path} hold epoch {saved}; continue with: "
-            f"python care.py --resume {ckpt_path}" if saved >= 1
+            f"{launcher} care.py --resume {ckpt_path}" if saved >= 1
             else "no epoch had finished, nothing to resume"))
         raise SystemExit(130)
     return feats
@@ -833,9 +841,13 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
         metrics["linear_top1_reference"] = reference_linear_eval(model, data, aug, cfg)
         log(f"reference linear evaluation top-1: {metrics['linear_top1_reference']:.2f}% "
             f"({cfg.probe_epochs} epochs on freshly augmented images, {time.time() - t:.1f}s)")
-    metrics["diagnostics"] = geometry_diagnostics(model, data, aug)
-    for line in diagnostics_lines(metrics["diagnostics"]):
-        log(line)
+    metrics["diagnostics"] = d = geometry_diagnostics(model, data, aug)
+    hue = lambda key: "  ".join(f"{k}: {v:.3f}" for k, v in d[key].items())
+    log(f"geometry on {d['images']} test images x {d['pairs']} augmentation pairs: gram error "
+        f"{d['gram_error']:.4f}, best rotation turns {d['rotation_angle_deg']:.1f} degrees\n"
+        f"  residual share of z(a'x) given z(ax): identity {d['identity_residual']:.3f}, "
+        f"rotation {d['procrustes_residual']:.3f}, linear {d['linear_residual']:.3f}\n"
+        f"  hue cosine of h: {hue('hue_cosine')}\n  hue cosine of z: {hue('hue_cosine_z')}")
     metrics["wall_time_s"] = time.time() - clock
     metrics_path = os.path.join(cfg.out, "metrics.json")
     atomic_save(metrics, metrics_path)
@@ -857,17 +869,17 @@ def benchmark(cfg):
     B, S = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
     g, aug = torch.Generator(device).manual_seed(cfg.seed), augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
-    plain = argparse.Namespace(**{**vars(cfg), "method": "care", "precision": "fp32",
-                                  "channels_last": False, "compile": False})
 
-    def stepper(c, one_pass=False, **change):
+    def parts(**change):                        # a fresh network, optimizer and loss scaler
+        c = argparse.Namespace(**{**vars(cfg), **change})
         model, net = build_model(c, device)
-        opt, scaler = make_optimizer(model, c, 1)[0], grad_scaler(c, device)
-        c = argparse.Namespace(**{**vars(c), **change})
+        return c, net, make_optimizer(model, c, 1)[0], grad_scaler(c, device)
+
+    def stepper(one_pass=False, **change):
+        c, net, opt, scaler = parts(**change)
         return lambda: train_step(net, opt, scaler, images, c, g, aug, one_pass)
 
-    model, net = build_model(cfg, device)
-    opt, scaler = make_optimizer(model, cfg, 1)[0], grad_scaler(cfg, device)
+    _, net, opt, scaler = parts()
     n_views = 4 if cfg.method == "care" else 2
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     views = [aug(images.float() / 255, 1 if i < 2 else cfg.group_size, g).contiguous(
@@ -881,11 +893,11 @@ def benchmark(cfg):
         scaler.step(opt)
         scaler.update()
 
-    kinds = {"care": stepper(cfg, method="care"), "simclr": stepper(cfg, method="simclr"),
-             "bare": bare, "plain": stepper(plain, one_pass=True)}
+    kinds = {"care": stepper(method="care"), "simclr": stepper(method="simclr"), "bare": bare,
+             "plain": stepper(True, method="care", precision="fp32", channels_last=False,
+                              compile=False)}
     med = time_steps(kinds, device, cfg.bench_warmup, cfg.bench_steps)
-    result = {"care_step_s": med["care"], "simclr_step_s": med["simclr"],
-              "bare_step_s": med["bare"], "plain_step_s": med["plain"],
+    result = {**{f"{k}_step_s": t for k, t in med.items()},
               "overhead_ratio": med[cfg.method] / med["bare"],
               "care_simclr_ratio": med["care"] / med["simclr"],
               "speedup_vs_plain": med["plain"] / med["care"],
@@ -893,9 +905,18 @@ def benchmark(cfg):
               "precision": str(amp_dtype(cfg.precision, device)).removeprefix("torch."),
               "host_syncs": count_host_syncs(kinds["care"]) if device.type == "cuda" else None,
               "config": vars(cfg)}
+    path = os.path.join(cfg.out, "benchmark.json")
     os.makedirs(cfg.out, exist_ok=True)
-    atomic_save(result, os.path.join(cfg.out, "benchmark.json"))
-    print_benchmark(result, cfg, n_views)
+    atomic_save(result, path)
+    times = " | ".join(f"{k} step {t * 1e3:.1f} ms" for k, t in med.items())
+    syncs = f" | host syncs in a step: {result['host_syncs']}" if device.type == "cuda" else ""
+    print(f"benchmark: {cfg.arch}, batch {B} x {S}px, {result['device']}, {result['precision']}, "
+          f"{'channels_last' if cfg.channels_last else 'contiguous'}, "
+          f"{'compiled' if cfg.compile else 'eager'}; median of {cfg.bench_steps} steps after "
+          f"{cfg.bench_warmup} warm-up\n  {times}\n  overhead ratio {result['overhead_ratio']:.3f}"
+          f" | CARE / SimCLR step {result['care_simclr_ratio']:.2f} | speedup vs plain "
+          f"{result['speedup_vs_plain']:.2f} | {result['images_per_s']:.0f} images/s{syncs}"
+          f" -> {path}")
     return result
 
 
@@ -916,41 +937,25 @@ def time_steps(kinds, device, warmup, steps):
 
 def count_host_syncs(step):
     """Run one step with CUDA's sync debug mode on; count the host syncs it reports."""
-    import warnings
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
-            torch.cuda.set_sync_debug_mode(0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in seen)
-
-
-def print_benchmark(r, cfg, n_views):
-    c, B, ms = r["config"], cfg.batch_size, lambda k: f"{r[k] * 1e3:9.1f} ms"
-    print(f"benchmark: {c['arch']}, batch {B} x {c['image_size']}px, {r['device']}, "
-          f"{r['precision']}, {'channels_last' if c['channels_last'] else 'contiguous'}, "
-          f"{'compiled' if c['compile'] else 'eager'}; median of {c['bench_steps']} steps "
-          f"after {c['bench_warmup']} warm-up\n"
-          f"  care step   augment 4 x {B} views, 4 forward passes, losses, backward {ms('care_step_s')}\n"
-          f"  simclr step augment 2 x {B} views, 2 forward passes, loss, backward   {ms('simclr_step_s')}\n"
-          f"  bare step   forward, backward on {n_views} x {B} ready views{' ' * 21}{ms('bare_step_s')}\n"
-          f"  plain step  CARE, one forward pass of {4 * B} views, fp32, contiguous  {ms('plain_step_s')}\n"
-          f"  overhead ratio {r['overhead_ratio']:.3f} | CARE / SimCLR step {r['care_simclr_ratio']:.2f}"
-          f" | speedup vs plain {r['speedup_vs_plain']:.2f} | {r['images_per_s']:.0f} images/s"
-          + (f" | host syncs in a step: {r['host_syncs']}" if r["host_syncs"] is not None else "")
-          + f" -> {os.path.join(cfg.out, 'benchmark.json')}")
 
 
 # =====================================================================================
 # 5. Evaluation (in float32, on process 0)
 # =====================================================================================
 @torch.no_grad()
-def embed(model, images, transform, batch_size=1024):
+def embed(model, images, transform, batch_size=None):
     """Backbone features h and projections z of uint8 images, each batch mapped to the
-    encoder's input by `transform` (normalise, or augment)."""
+    encoder's input by `transform` (normalise, or augment). Default batch: as many pixels
+    as 1024 images of 32x32 (20 at 224 px), whatever the size."""
+    batch_size = batch_size or max(16, 2**20 // images[0, 0].numel())
     was_training = model.training
     model.eval()
     hs, zs = zip(*(model(transform(c.float() / 255)) for c in images.split(batch_size)))
@@ -1094,16 +1099,6 @@ def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0):
     return out
 
 
-def diagnostics_lines(d):
-    hue = lambda key: "  ".join(f"{k}: {v:.3f}" for k, v in d[key].items())
-    return [f"geometry on {d['images']} test images x {d['pairs']} augmentation pairs: "
-            f"gram error {d['gram_error']:.4f}, best rotation turns "
-            f"{d['rotation_angle_deg']:.1f} degrees",
-            f"  residual share of z(a'x) given z(ax): identity {d['identity_residual']:.3f}, "
-            f"rotation {d['procrustes_residual']:.3f}, linear {d['linear_residual']:.3f}",
-            f"  hue cosine of h: {hue('hue_cosine')}", f"  hue cosine of z: {hue('hue_cosine_z')}"]
-
-
 # =====================================================================================
 # 6. Plots (matplotlib, headless): one run, or groups of runs that differ only by seed
 # =====================================================================================
@@ -1125,10 +1120,8 @@ def summary(m):
 def _curve(ax, groups, key, title):
     for label, ms in groups:
         by_epoch = {}
-        for m in ms:
-            for r in m["epochs"]:
-                if r.get(key) is not None:
-                    by_epoch.setdefault(r["epoch"], []).append(r[key])
+        for r in (r for m in ms for r in m["epochs"] if r.get(key) is not None):
+            by_epoch.setdefault(r["epoch"], []).append(r[key])
         epochs = sorted(by_epoch)
         mean, sd = zip(*(_stats(by_epoch[e]) for e in epochs)) if epochs else ((), ())
         line, = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, ms=3,
@@ -1182,15 +1175,12 @@ def plot(groups, path, rows, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = max(map(len, rows))
+    cols = len(rows[0])                         # every row is full
     fig, axes = plt.subplots(len(rows), cols, figsize=(4.6 * cols, 3.8 * len(rows)), squeeze=False)
-    for ax_row, names in zip(axes, rows):
-        for ax, name in zip(ax_row, names):
-            PANELS[name](ax, groups)
-            if name != "summary":
-                ax.legend(fontsize=7)
-        for ax in ax_row[len(names):]:
-            ax.axis("off")
+    for ax, name in zip(axes.flat, sum(rows, [])):
+        PANELS[name](ax, groups)
+        if name != "summary":
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1260,23 +1250,19 @@ def draw_augmentations(cfg):
     data = load_data(cfg.dataset, cfg.data_root, cfg.image_size)
     g = torch.Generator().manual_seed(cfg.seed)
     x = data.test_x[torch.randperm(len(data.test_x), generator=g)[:8]].float() / 255
-    aug = augmenter(cfg, data.mean, data.std)
-    rows = {"x": x, "t x": aug(x, 1, g), "t' x": aug(x, 1, g), "a x": aug(x, 4, g),
-            "a' x": aug(x, 4, g)}
-    fig, axes = plt.subplots(5, 9, figsize=(9, 5.6), gridspec_kw={"width_ratios": [1] * 4 + [0.25] + [1] * 4})
-    for ax_row, (name, v) in zip(axes, rows.items()):
-        if name != "x":                                 # undo the normalisation to show it
-            v = v * _const(tuple(data.std), v.device).view(1, 3, 1, 1) + _const(
-                tuple(data.mean), v.device).view(1, 3, 1, 1)
-        for j, ax in enumerate(ax_row):
-            ax.set_xticks([]), ax.set_yticks([])
-            if j == 4:
-                ax.axis("off")
-                continue
-            ax.imshow(v[j - (j > 4)].clamp(0, 1).permute(1, 2, 0).numpy())
-            ax.spines[:].set_visible(False)
-        ax_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
-    axes[0, 1].set_title("group 1", loc="right"), axes[0, 6].set_title("group 2", loc="right")
+    aug, S = augmenter(cfg, data.mean, data.std), cfg.image_size + 1      # S: tile pitch
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (data.mean, data.std))
+    rows = {"x": x, **{name: aug(x, n, g) * std + mean          # un-normalised, to be seen
+                       for name, n in (("t x", 1), ("t' x", 1), ("a x", 4), ("a' x", 4))}}
+    gap = torch.ones(1, *x.shape[1:])                           # a white tile between groups
+    tiles = torch.cat([torch.cat([v[:4], gap, v[4:]]) for v in rows.values()]).clamp(0, 1)
+    fig, ax = plt.subplots(figsize=(9, 5.6))
+    grid = torchvision.utils.make_grid(tiles, nrow=9, padding=1, pad_value=1)
+    ax.imshow(grid.permute(1, 2, 0).numpy())
+    ax.set_xticks([2 * S, 7 * S], ["group 1", "group 2"])
+    ax.set_yticks([(i + 0.5) * S for i in range(5)], list(rows), fontsize=11)
+    ax.tick_params(length=0, labeltop=True, labelbottom=False)
+    ax.spines[:].set_visible(False)
     fig.suptitle("t, t': drawn per image (InfoNCE)    a, a': drawn once per group of 4 "
                  "(equivariance loss)", fontsize=10)
     fig.tight_layout()
@@ -1307,6 +1293,8 @@ FIXED_ON_RESUME = ("method", "contrastive", "arch", "stem", "feature_dim", "data
                    "optimizer", "lr", "weight_decay", "crop_scale_min", "blur_kernel")
 RUN_SETTINGS = FIXED_ON_RESUME + ("lam", "temperature", "epochs", "lr_schedule",
                                   "warmup_epochs", "precision")
+# Settings of the machine, not of the run: a resumed run takes them from its own flags.
+MACHINE_SETTINGS = ("device", "precision", "channels_last", "compile", "sync_bn")
 
 
 def command_line(cfg):
@@ -1353,7 +1341,7 @@ def build_parser():
       help="auto: the CIFAR stem below 64 px, the ImageNet stem from 64 px up")
     a("--feature-dim", type=int, default=128, help="dimension of the projection z")
     a = p.add_argument_group("data").add_argument
-    a("--dataset", choices=[*TORCHVISION_DATASETS, "folder"], default="cifar10",
+    a("--dataset", choices=[*RECIPES], default="cifar10",
       help="a torchvision dataset (downloaded into --data-root), or an image folder")
     a("--data-root", default="./data",
       help="download folder, or for --dataset folder a DIR with train/<class>/ and test/<class>/")
@@ -1381,10 +1369,12 @@ def build_parser():
            "else fp32")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
       help="channels-innermost memory layout (faster on GPUs and CPUs)")
-    a("--compile", action="store_true", help="torch.compile the encoder for training")
-    a("--sync-bn", action="store_true",
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile the encoder for training")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
       help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of "
-           "each process's share (SyncBatchNorm; slower)")
+           "each process's share (SyncBatchNorm: about 3 host syncs per BatchNorm layer and "
+           "forward pass)")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     a("--knn-k", type=int, default=200, help="neighbours in the weighted kNN")
@@ -1424,7 +1414,7 @@ def configure(args, given):
             if k in FIXED_ON_RESUME and k in given and getattr(args, k) != v:
                 raise CareError(f"--resume {args.resume} was trained with {flag} {v}, not "
                                 f"{getattr(args, k)}: drop {flag} or start a new run")
-            if k not in given and k not in ("resume", "eval_only", "out"):
+            if k not in given and k not in ("resume", "eval_only", "out") + MACHINE_SETTINGS:
                 setattr(args, k, v)
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
     for k, v in RECIPES[args.dataset].items():
@@ -1450,39 +1440,36 @@ def validate(args):
     """Every check that needs no data: a bad flag fails here, before any work is done."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    b = args.batch_size // world                # each process's share of the batch
-    checks = [                                  # `not x > 0` also catches nan
-        (args.group_size < 1, f"--group-size must be at least 1, got {args.group_size}"),
-        (args.batch_size < 2, f"--batch-size must be at least 2, got {args.batch_size}"),
+    b, device = args.batch_size // world, pick_device(args.device)  # b: one process's share
+    minima = dict(group_size=1, batch_size=2, epochs=0, feature_dim=1, image_size=4, train_subset=0,
+                  knn_every=1, knn_k=1, log_every=1, bench_steps=1, probe_epochs=0, warmup_epochs=0)
+    checks = [(getattr(args, k) < m, f"--{k.replace('_', '-')} must be "
+               f"{f'at least {m}' if m else '>= 0'}, got {getattr(args, k)}")
+              for k, m in minima.items()]
+    checks += [                                 # `not x > 0` also catches nan
         (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the "
                                   f"{world} processes"),
+        (b < 2, f"--batch-size {args.batch_size} leaves {b} image per process; BatchNorm "
+                f"needs at least 2"),
         ((args.method == "care" or args.benchmark) and args.group_size >= 1 and b % args.group_size,
          f"--batch-size {args.batch_size} is not a multiple of --group-size {args.group_size}"
          + (f" on each of {world} processes ({b} images each)" if world > 1 else "")),
-        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
         (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
         (not args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
         (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.feature_dim < 1, f"--feature-dim must be at least 1, got {args.feature_dim}"),
-        (args.image_size < 4, f"--image-size must be at least 4, got {args.image_size}"),
-        (args.train_subset < 0, f"--train-subset must be >= 0, got {args.train_subset}"),
         (not 0 < args.crop_scale_min <= 1, f"--crop-scale-min must be in (0, 1], got "
                                           f"{args.crop_scale_min}"),
         (args.blur_kernel < 1 or args.blur_kernel % 2 == 0 or args.blur_kernel // 2 >= args.image_size,
          f"--blur-kernel must be odd and smaller than twice --image-size, got {args.blur_kernel}"),
-        (min(args.knn_every, args.knn_k, args.log_every, args.bench_steps) < 1,
-         "--knn-every, --knn-k, --log-every and --bench-steps must be at least 1"),
-        (args.probe_epochs < 0 or args.warmup_epochs < 0,
-         "--probe-epochs and --warmup-epochs must be >= 0"),
         (args.dataset == "folder" and not args.benchmark and not os.path.isdir(args.data_root),
          f"--data-root {args.data_root} does not exist (--dataset folder needs DIR/train/<class>/ "
          f"and DIR/test/<class>/)"),
         (world > 1 and (args.benchmark or args.augmentations),
          "--benchmark and --augmentations run in one process: start them with python, not torchrun"),
-        (args.sync_bn and pick_device(args.device).type != "cuda",
+        (args.sync_bn and device.type != "cuda",
          "--sync-bn needs CUDA (SyncBatchNorm has no CPU version); drop it on the CPU"),
-        (pick_device(args.device).type == "cuda" and torch.cuda.device_count() < local,
+        (device.type == "cuda" and torch.cuda.device_count() < local,
          f"{local} processes on this node but {torch.cuda.device_count()} GPUs: start at "
          f"most one process per GPU"),
     ]

@@ -3,13 +3,18 @@
 Each test states one promise of the method or of the tool. The loss tests use toy tensors
 and the algebra of the derivation in care.py: a wrong loss fails them.
 """
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
 import care
 
-torch.set_num_threads(2)
 
 
 def random_orthogonal(d, generator=None):
@@ -20,6 +25,17 @@ def random_orthogonal(d, generator=None):
 def unit(B, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1)
+
+
+def cfg_for(**change):
+    """The settings of a default run (CPU), with some changed: what train_step reads."""
+    cfg, _ = care.parse_command_line(["--device", "cpu"])
+    for k, v in care.RECIPES["cifar10"].items():
+        setattr(cfg, k, v)
+    cfg.stem = "cifar"
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 # ------------------------------------------------------------------ equivariance_loss
@@ -117,6 +133,55 @@ def test_info_nce_prefers_aligned_positives():
     assert aligned < noisy < unrelated
 
 
+def naive_halves(z1, z2, tau):
+    """alignment, uniformity and the remainder, view by view, from the definitions."""
+    z = torch.cat([z1, z2])
+    B, align, unif, rest = z1.shape[0], [], [], []
+    for i in range(2 * B):
+        p = (i + B) % (2 * B)
+        s = z[i] @ z[p] / tau
+        N = sum(torch.exp(z[i] @ z[k] / tau) for k in range(2 * B) if k not in (i, p))
+        align.append(-s), unif.append(torch.log(N)), rest.append(torch.log(1 + torch.exp(s) / N))
+    return [torch.stack(v).mean() for v in (align, unif, rest)]
+
+
+def test_alignment_and_uniformity_match_naive_loops_and_sum_to_info_nce():
+    z1, z2 = unit(6, 4, 0), unit(6, 4, 1)
+    for tau in (0.1, 0.5):
+        align, unif = care.alignment_uniformity(z1, z2, tau)
+        n_align, n_unif, rest = naive_halves(z1, z2, tau)
+        assert torch.allclose(align, n_align, atol=1e-5) and torch.allclose(unif, n_unif, atol=1e-5)
+        # the exact relation of the derivation comment: info_nce = alignment + uniformity + rest
+        assert torch.allclose(care.info_nce(z1, z2, tau), align + unif + rest, atol=1e-5)
+        assert rest > 0
+
+
+def test_halves_invariant_to_global_rotation_and_anchor_subsets_average_to_the_whole():
+    z1, z2 = unit(16, 8, 0), unit(16, 8, 1)
+    Q = random_orthogonal(8)
+    for a, b in zip(care.alignment_uniformity(z1, z2), care.alignment_uniformity(z1 @ Q.T, z2 @ Q.T)):
+        assert torch.allclose(a, b, atol=1e-5)
+    # two halves of the anchors (as two processes would hold them) average to the whole
+    first, second = (torch.cat([torch.arange(8) + o, torch.arange(8) + 16 + o]) for o in (0, 8))
+    for f in (care.info_nce, lambda *a: care.alignment_uniformity(*a)[1]):
+        whole = f(z1, z2, 0.5)
+        assert torch.allclose((f(z1, z2, 0.5, first) + f(z1, z2, 0.5, second)) / 2, whole, atol=1e-6)
+
+
+def test_uniformity_alone_trains_and_is_what_it_lowers():
+    torch.manual_seed(0)
+    model = care.Encoder("resnet18", feature_dim=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cfg = cfg_for(method="care", contrastive="uniformity", lam=0.03, group_size=4)
+    x = (images(16, H=8) * 255).to(torch.uint8)
+    g, scaler = torch.Generator().manual_seed(0), care.grad_scaler(cfg, torch.device("cpu"))
+    rows = [care.train_step(model, opt, scaler, x, cfg, g, care.augment) for _ in range(8)]
+    loss, unif, equi = (torch.stack([r[care.TERMS.index(k)] for r in rows])
+                        for k in ("loss", "uniformity", "equivariance"))
+    assert torch.allclose(loss, unif + 0.03 * equi)               # no alignment in the loss
+    assert unif[-3:].mean() < unif[:3].mean()
+
+
 # ----------------------------------------------------------------------------- augment
 def images(B=8, H=16, seed=0):
     return torch.rand(B, 3, H, H, generator=torch.Generator().manual_seed(seed))
@@ -170,12 +235,29 @@ def test_colour_ops_match_torchvision(op, factor):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_grayscale_and_blur_match_torchvision():
-    x = images(4)
-    assert torch.allclose(care.rgb_to_grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6)
+@pytest.mark.parametrize("kernel", [3, 5, 23])
+def test_blur_matches_torchvision(kernel):
+    x = images(4, H=32)
     for sigma in (0.1, 0.8, 2.0):
-        ours = care.gaussian_blur(x, torch.full((4,), sigma))
-        assert torch.allclose(ours, TF.gaussian_blur(x, [3, 3], [sigma, sigma]), atol=1e-6)
+        ours = care.gaussian_blur(x, torch.full((4,), sigma), kernel)
+        assert torch.allclose(ours, TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma]), atol=1e-5)
+    # one sigma per image: each image blurred by its own
+    sigmas = torch.tensor([0.3, 1.0, 1.7, 2.0])
+    ours = care.gaussian_blur(x, sigmas, kernel)
+    for i, s in enumerate(sigmas.tolist()):
+        assert torch.allclose(ours[i], TF.gaussian_blur(x[i], [kernel, kernel], [s, s]), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_min", [0.08, 0.2, 0.5])
+def test_crop_minimum_scale_is_respected(scale_min):
+    # An image whose red channel is its x coordinate: the crop's width shows in the output.
+    W = 32
+    x = torch.linspace(0, 1, W).view(1, 1, 1, W).expand(1, 3, W, W).contiguous()
+    smallest = care.random_resized_crop(x, torch.zeros(1, 10), torch.full((1, 10), 0.5),
+                                        torch.zeros(1, 2), scale=(scale_min, 1.0))
+    seen = smallest[0, 0, 0].max() - smallest[0, 0, 0].min()   # share of the width crossed
+    side = scale_min ** 0.5                                     # aspect 1: side = sqrt(area)
+    assert abs(seen.item() * (W - 1) - (side * W - 1)) < 1.0
 
 
 def test_crop_of_whole_image_is_identity_and_matches_torchvision_resize():
@@ -216,6 +298,17 @@ def test_encoder_outputs(arch, width):
     assert model.backbone.conv1.stride == (1, 1)
 
 
+def test_imagenet_stem_shrinks_4x_before_the_blocks_and_cifar_stem_does_not():
+    inner = {}
+    for stem in ("cifar", "imagenet"):
+        model = care.Encoder("resnet18", feature_dim=8, stem=stem).eval()
+        model.backbone.layer1.register_forward_hook(lambda m, i, o, s=stem: inner.update({s: o.shape}))
+        h, z = model(torch.randn(2, 3, 64, 64))
+        assert h.shape == (2, 512) and z.shape == (2, 8)
+    assert inner["cifar"][-2:] == (64, 64) and inner["imagenet"][-2:] == (16, 16)
+    assert care.Encoder(stem="imagenet").backbone.conv1.kernel_size == (7, 7)
+
+
 def test_encoder_rejects_unknown_arch():
     with pytest.raises(ValueError, match="resnet18"):
         care.Encoder("vgg11")
@@ -243,6 +336,70 @@ def test_a_few_care_steps_lower_the_loss_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_pair_per_batch_shares_one_augmentation_pair_across_the_whole_batch():
+    sizes = []
+
+    def spy(x, group_size, generator):
+        sizes.append(group_size)
+        return care.augment(x, group_size, generator)
+    model = care.Encoder("resnet18", feature_dim=8)
+    x = (images(16, H=8) * 255).to(torch.uint8)
+    for pair_per, shared in (("group", 4), ("batch", 16)):
+        sizes.clear()
+        cfg = cfg_for(group_size=4, pair_per=pair_per, precision="fp32")
+        opt = torch.optim.Adam(model.parameters())
+        care.train_step(model, opt, care.grad_scaler(cfg, torch.device("cpu")), x, cfg,
+                        torch.Generator().manual_seed(0), spy)
+        assert sizes == [1, 1, shared, shared]
+
+
+@pytest.mark.parametrize("precision,channels_last", [("bf16", True), ("fp16", False)])
+def test_mixed_precision_step_on_cpu_keeps_losses_and_evaluation_in_float32(precision, channels_last):
+    torch.manual_seed(0)
+    cfg = cfg_for(precision=precision, channels_last=channels_last, group_size=4)
+    model, net = care.build_model(cfg, torch.device("cpu"))
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    opt, _ = care.make_optimizer(model, cfg, 1)
+    scaler = care.grad_scaler(cfg, torch.device("cpu"))
+    assert scaler.is_enabled() == (precision == "fp16")          # loss scaling for fp16 only
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = care.train_step(net, opt, scaler, (images(8, H=8) * 255).to(torch.uint8), cfg,
+                            torch.Generator().manual_seed(0), care.augment)
+    assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    h, z = care.embed(model, (images(4, H=8) * 255).to(torch.uint8), lambda v: v)
+    assert h.dtype == torch.float32 and z.dtype == torch.float32
+
+
+def test_precision_auto_picks_by_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert care.amp_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert care.amp_dtype("auto", cpu) == torch.bfloat16
+    assert care.amp_dtype("fp16", cpu) == torch.float16
+    cuda = torch.device("cuda", 0)
+    for major, dtype in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
+        assert care.amp_dtype("auto", cuda) == dtype
+
+
+@pytest.mark.skipif(not os.environ.get("CARE_TEST_COMPILE"),
+                    reason="torch.compile takes minutes on 2 cores: CI runs it with CARE_TEST_COMPILE=1")
+def test_compiled_training_steps_on_cpu():
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    torch.manual_seed(0)
+    cfg = cfg_for(compile=True, group_size=4)
+    model, net = care.build_model(cfg, torch.device("cpu"))
+    opt, _ = care.make_optimizer(model, cfg, 1)
+    scaler, g = care.grad_scaler(cfg, torch.device("cpu")), torch.Generator().manual_seed(0)
+    x = (images(16, H=8) * 255).to(torch.uint8)
+    rows = [care.train_step(net, opt, scaler, x, cfg, g, care.augment) for _ in range(3)]
+    assert all(torch.isfinite(r).all() for r in rows)
 
 
 # ------------------------------------------------- data, training, record (end to end)
@@ -306,17 +463,37 @@ def test_end_to_end_care_run_writes_the_record(tiny_folder, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[0]["loss"] is None and rows[0]["knn_top1"] is not None
     for r in rows[1:]:
-        assert set(r) >= {"loss", "info_nce", "equivariance", "knn_top1", "images_per_s", "seconds"}
+        assert set(r) >= {"loss", "info_nce", "alignment", "uniformity", "equivariance",
+                          "knn_top1", "images_per_s", "seconds"}
         assert r["loss"] == pytest.approx(r["info_nce"] + 0.03 * r["equivariance"], rel=1e-4)
+        assert r["info_nce"] > r["alignment"] + r["uniformity"]     # the remainder is positive
     d = on_disk["diagnostics"]
     assert set(d) >= {"gram_error", "identity_residual", "procrustes_residual",
-                      "linear_residual", "hue_cosine"}
-    assert list(d["hue_cosine"]) == ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
+                      "linear_residual", "rotation_angle_deg", "hue_cosine", "hue_cosine_z"}
+    assert list(d["hue_cosine"]) == list(d["hue_cosine_z"]) == ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert 0 <= d["rotation_angle_deg"] <= 180
     assert d["linear_residual"] <= d["procrustes_residual"] + 1e-9
     assert d["procrustes_residual"] <= d["identity_residual"] + 1e-9
     for f in ("checkpoint.pt", "train.log", "curves.png", "geometry.png"):
         assert (tmp_path / "care" / f).stat().st_size > 0
     assert "linear probe top-1" in (tmp_path / "care" / "train.log").read_text()
+
+
+def test_uniformity_run_records_both_halves_and_reference_linear_eval(tiny_folder, tmp_path):
+    m = care.main(tiny_args(tiny_folder, tmp_path / "u", "--epochs", "1", "--contrastive",
+                            "uniformity", "--linear-eval", "reference", "--probe-epochs", "2"))
+    r = m["epochs"][1]
+    assert r["loss"] == pytest.approx(r["uniformity"] + 0.03 * r["equivariance"], rel=1e-4)
+    assert r["alignment"] is not None and r["info_nce"] is not None
+    assert 0 <= m["linear_top1"] <= 100 and 0 <= m["linear_top1_reference"] <= 100
+    assert "reference linear evaluation top-1" in (tmp_path / "u" / "train.log").read_text()
+
+
+def test_augmentations_figure(tiny_folder, tmp_path, capsys):
+    care.main(["--augmentations", "--dataset", "folder", "--data-root", str(tiny_folder),
+               "--image-size", "12", "--out", str(tmp_path)])
+    assert (tmp_path / "augmentations.png").stat().st_size > 10_000
+    assert "augmentations.png" in capsys.readouterr().out
 
 
 def test_simclr_run_and_compare(tiny_folder, tmp_path, capsys):
@@ -331,6 +508,14 @@ def test_simclr_run_and_compare(tiny_folder, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "\ncare " in table and "\nsimclr " in table and "Gram err" in table
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    # runs that differ only by seed are one group: mean +- spread
+    care.main(tiny_args(tiny_folder, tmp_path / "care1", "--epochs", "1", "--seed", "1"))
+    capsys.readouterr()
+    care.main(["--compare", str(tmp_path / "care"), str(tmp_path / "care1"),
+               str(tmp_path / "simclr"), "--out", str(tmp_path / "cmp")])
+    lines = capsys.readouterr().out.splitlines()
+    pooled = next(l for l in lines if l.startswith("care "))
+    assert pooled.split()[2] == "2" and "+-" in pooled           # label, lam, seeds
 
 
 def test_help_documents_every_flag(capsys):
@@ -342,8 +527,53 @@ def test_help_documents_every_flag(capsys):
                  "--lam", "--group-size", "--temperature", "--batch-size", "--lr",
                  "--weight-decay", "--lr-schedule", "--warmup-epochs", "--epochs", "--arch",
                  "--feature-dim", "--seed", "--device", "--compile", "--knn-every", "--out",
-                 "--resume", "--eval-only", "--compare", "--benchmark", "--optimizer"]:
+                 "--resume", "--eval-only", "--compare", "--benchmark", "--optimizer",
+                 "--contrastive", "--pair-per", "--precision", "--channels-last",
+                 "--linear-eval", "--augmentations", "--stem", "--crop-scale-min",
+                 "--blur-kernel", "--sync-bn"]:
         assert flag in text, flag
+    assert "stl10    --lam 0.01 --group-size 32 --optimizer sgd --lr 0.06" in text
+    assert "(default: None)" not in text
+
+
+@pytest.mark.parametrize("dataset,expected", [
+    ("cifar10", dict(lam=0.03, group_size=16, optimizer="adam", lr=1e-3, weight_decay=1e-6,
+                     lr_schedule="constant")),
+    ("folder", dict(lam=0.03, group_size=16, optimizer="adam", lr=1e-3, weight_decay=1e-6)),
+    ("cifar100", dict(lam=0.001, group_size=64, optimizer="adam", lr=1e-3)),
+    ("stl10", dict(lam=0.01, group_size=32, optimizer="sgd", lr=0.06, weight_decay=5e-4,
+                   lr_schedule="cosine", warmup_epochs=10)),
+])
+def test_recipe_by_dataset_and_typed_flags_win(dataset, expected, tmp_path):
+    base = ["--dataset", dataset, "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
+    cfg, _ = care.configure(*care.parse_command_line(base))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.temperature == 0.5 and cfg.batch_size == 256
+    cfg, _ = care.configure(*care.parse_command_line(base + ["--lam", "0.2", "--lr", "0.5",
+                                                              "--group-size", "8"]))
+    assert (cfg.lam, cfg.lr, cfg.group_size) == (0.2, 0.5, 8)
+    assert cfg.optimizer == expected["optimizer"]               # the rest of the recipe stays
+
+
+def test_stl10_offline_prints_its_recipe_before_the_download_error(monkeypatch, tmp_path, capsys):
+    class Offline:
+        def __init__(self, root, download=False, **kw):
+            raise RuntimeError("Dataset not found.") if not download else OSError("no network")
+    monkeypatch.setattr(care.torchvision.datasets, "STL10", Offline)
+    code, line = run_error(["--dataset", "stl10", "--data-root", str(tmp_path / "empty"),
+                            "--device", "cpu", "--out", str(tmp_path / "o")], capsys)
+    out = run_error.stdout
+    assert code == 1 and "could not download stl10" in line
+    for flag in ("--lam 0.01", "--group-size 32", "--optimizer sgd", "--lr 0.06",
+                 "--weight-decay 0.0005", "--lr-schedule cosine", "--warmup-epochs 10"):
+        assert flag in out, flag
+
+
+def test_resumed_run_keeps_its_checkpoint_settings_over_the_recipe(tiny_folder, tmp_path):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1", "--lr", "0.002"))
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    cfg, _ = care.configure(*care.parse_command_line(["--resume", ckpt, "--epochs", "2"]))
+    assert cfg.lr == 0.002 and cfg.group_size == 4 and cfg.lam == 0.03
 
 
 # -------------------------------------------------------------- geometry diagnostics
@@ -365,6 +595,33 @@ def test_residuals_are_ordered_linear_rotation_identity(seed):
     assert r["procrustes_residual"] <= r["identity_residual"] + 1e-12
 
 
+def plane_rotation(d, degrees):
+    """A rotation of R^d (d even) turning every coordinate plane (2k, 2k+1) by `degrees`."""
+    c, s = torch.cos(torch.tensor(degrees).deg2rad()), torch.sin(torch.tensor(degrees).deg2rad())
+    return torch.block_diag(*[torch.stack([torch.stack([c, -s]), torch.stack([s, c])])] * (d // 2))
+
+
+def test_rotation_angle_is_zero_for_identical_views_and_recovers_a_known_angle():
+    Z = unit(512, 16)
+    assert care.residuals(Z, Z)["rotation_angle_deg"] < 1e-3
+    for degrees in (5.0, 30.0, 90.0):
+        r = care.residuals(Z, Z @ plane_rotation(16, degrees).T)
+        assert r["rotation_angle_deg"] == pytest.approx(degrees, abs=1e-3)
+        assert r["procrustes_residual"] < 1e-10
+
+
+def test_hue_sensitivity_is_one_at_shift_zero(tiny_folder, monkeypatch):
+    monkeypatch.setattr(care, "HUE_SHIFTS", (0.0, 0.5))
+    data = care.load_data("folder", str(tiny_folder), 8)
+    torch.manual_seed(0)
+    d = care.geometry_diagnostics(care.Encoder(feature_dim=16), data,
+                                  care.functools.partial(care.augment, mean=data.mean, std=data.std),
+                                  n_images=16, n_pairs=2)
+    assert d["hue_cosine"]["0.0"] == pytest.approx(1, abs=1e-5)
+    assert d["hue_cosine_z"]["0.0"] == pytest.approx(1, abs=1e-5)
+    assert d["hue_cosine_z"]["0.5"] < 1 - 1e-4
+
+
 def test_gram_error_zero_for_rotation_and_hue_shift_zero_is_identity():
     Z = unit(64, 8)
     assert care.gram_error(Z, Z @ random_orthogonal(8).T) < 1e-10
@@ -384,6 +641,8 @@ def test_benchmark_writes_consistent_json(tmp_path):
     assert j["overhead_ratio"] == pytest.approx(j["care_step_s"] / j["bare_step_s"])
     assert j["care_simclr_ratio"] == pytest.approx(j["care_step_s"] / j["simclr_step_s"])
     assert j["images_per_s"] == pytest.approx(8 / j["care_step_s"])
+    assert j["speedup_vs_plain"] == pytest.approx(j["plain_step_s"] / j["care_step_s"])
+    assert j["host_syncs"] is None and j["precision"] in ("bfloat16", "float32")
     assert min(j["care_step_s"], j["bare_step_s"], j["simclr_step_s"]) > 0
     assert j["device"].startswith("cpu") and j["config"]["batch_size"] == 8
 
@@ -393,7 +652,9 @@ def run_error(argv, capsys):
     """main(argv) must exit non-zero with exactly one line on stderr, before training."""
     with pytest.raises(SystemExit) as e:
         care.main(argv)
-    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    captured = capsys.readouterr()
+    run_error.stdout = captured.out
+    err = [l for l in captured.err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("care.py: error:"), err
     return e.value.code, err[0]
 
@@ -539,3 +800,143 @@ def test_sigterm_keeps_last_epoch_and_exits_without_traceback(tiny_folder, tmp_p
     kept = torch.load(out / "checkpoint.pt")["epoch"]
     assert kept >= 1 and [r["epoch"] for r in read_json(out / "metrics.json")["epochs"]] == list(
         range(kept + 1))
+
+
+def test_every_epoch_draws_fresh_streams_so_a_resume_never_replays_epoch_one(
+        tiny_folder, tmp_path, monkeypatch):
+    # The random streams are keyed by (seed, epoch[, rank]): nothing to carry over, so a
+    # checkpoint resumed on another device (whose generator it could not restore) still
+    # draws a new order for the next epoch.
+    order = lambda epoch: torch.randperm(72, generator=care.random_stream("cpu", 0, epoch))
+    assert not torch.equal(order(1), order(2)) and torch.equal(order(2), order(2))
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"))
+    keys, real = [], care.random_stream
+    monkeypatch.setattr(care, "random_stream", lambda dev, *key: keys.append(key) or real(dev, *key))
+    care.main(["--resume", str(tmp_path / "run" / "checkpoint.pt"), "--epochs", "2"])
+    assert keys[:2] == [(0, 2), (0, 2, 0)]                     # order, then augmentations
+
+
+def test_restore_gives_adam_moments_the_parameters_memory_layout(tiny_folder, tmp_path):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1", "--no-channels-last"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    cfg = cfg_for(channels_last=True, group_size=4)
+    model, _ = care.build_model(cfg, torch.device("cpu"))
+    opt, sched = care.make_optimizer(model, cfg, 4)
+    care.restore(ckpt, model, opt, sched, care.grad_scaler(cfg, torch.device("cpu")))
+    w = model.backbone.layer1[0].conv1.weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[w]["exp_avg"].stride() == opt.state[w]["exp_avg_sq"].stride() == w.stride()
+
+
+def test_out_of_memory_wrapped_by_the_compiler_is_one_line(monkeypatch, tmp_path, capsys):
+    def compile_fails(cfg, ckpt=None):
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError("BackendCompilerFailed: backend='inductor' raised") from e
+    monkeypatch.setattr(care, "run", compile_fails)
+    code, line = run_error(["--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "out of GPU memory" in line
+
+
+def test_features_do_not_copy_a_fully_labelled_split(tiny_folder):
+    data = care.load_data("folder", str(tiny_folder), 8)
+    x, y = care.labelled(data)
+    assert x is data.train_x and y is data.train_y
+    data.train_y[:5] = -1                                         # STL-10's unlabelled images
+    x, y = care.labelled(data)
+    assert len(x) == len(data.train_x) - 5 and (y >= 0).all()
+
+
+# ------------------------------------------------------------- several processes (DDP)
+def _objective_on_my_share(rank, world, init_file, z, out):
+    """One of `world` processes: the objective on its slice of the fixed embeddings z."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
+                                         rank=rank, world_size=world)
+    try:
+        b = len(z[0]) // world
+        mine = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in z]
+        terms = care.objective(mine, cfg_for(group_size=4))
+        terms[0].backward()
+        torch.save({"terms": terms.detach(), "grads": [t.grad for t in mine]}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gathered_losses_on_two_processes_equal_one_process_loss_and_gradient(tmp_path):
+    z = [unit(16, 8, seed) for seed in range(4)]        # t x, t' x, a x, a' x of 16 images
+    torch.multiprocessing.spawn(_objective_on_my_share, nprocs=2, args=(
+        2, str(tmp_path / "rendezvous"), z, str(tmp_path / "share")))
+    shares = [torch.load(tmp_path / f"share.{r}") for r in range(2)]
+    whole = [t.clone().requires_grad_() for t in z]
+    terms = care.objective(whole, cfg_for(group_size=4))
+    terms[0].backward()
+    # the mean over processes of each term (loss, InfoNCE, its halves, equivariance) ...
+    assert torch.allclose((shares[0]["terms"] + shares[1]["terms"]) / 2, terms.detach(), atol=1e-6)
+    # ... and DDP's average of the gradients are those of one process on the global batch
+    for i in range(4):
+        ddp = torch.cat([s["grads"][i] for s in shares]) / 2
+        assert torch.allclose(ddp, whole[i].grad, atol=1e-6), i
+
+
+def test_process_count_checks_run_before_any_work(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")           # as torchrun --nproc_per_node=2 sets it
+    for argv, words in ((["--batch-size", "3", "--group-size", "1"], "not divisible by the 2"),
+                        (["--batch-size", "2", "--group-size", "1"], "leaves 1 image per process"),
+                        (["--sync-bn"], "--sync-bn needs CUDA")):
+        code, line = run_error(argv + ["--device", "cpu", "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and words in line
+
+
+def test_resume_takes_the_machine_settings_from_this_machine(tiny_folder, tmp_path):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1", "--no-channels-last"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"].update(sync_bn=True, compile=True, device="cuda")  # as saved on a GPU node
+    torch.save(ckpt, path)
+    cfg, _ = care.configure(*care.parse_command_line(["--resume", str(path), "--epochs", "2"]))
+    assert (cfg.sync_bn, cfg.compile, cfg.device, cfg.channels_last) == (False, False, "auto", True)
+    assert cfg.epochs == 2 and cfg.group_size == 4                 # the run's own settings stay
+
+
+def torchrun(*args, timeout=180):
+    """`torchrun --standalone --nproc_per_node=2 care.py ARGS`; on a timeout the launcher and
+    its workers are killed together and the test fails (a hang must not outlive it)."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "care.py", *args], start_new_session=True,
+                         cwd=os.path.dirname(os.path.abspath(care.__file__)), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_two_process_run_and_resume_under_torchrun(tiny_folder, tmp_path):
+    p = torchrun(*tiny_args(tiny_folder, tmp_path / "ddp", "--epochs", "1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("linear probe top-1") == 1               # process 0 speaks, once
+    p = torchrun("--resume", str(tmp_path / "ddp" / "checkpoint.pt"), "--epochs", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = read_json(tmp_path / "ddp" / "metrics.json")
+    assert m["world_size"] == 2 and [r["epoch"] for r in m["epochs"]] == [0, 1, 2]
+    assert all(r["knn_top1"] is not None for r in m["epochs"])
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--batch-size", "17", "--group-size", "1"], "not divisible by the 2 processes"),
+    (["--batch-size", "16", "--group-size", "16"], "on each of 2 processes (8 images each)"),
+    (["--device", "cuda"], "GPU"),
+])
+def test_bad_input_under_torchrun_exits_on_every_process_with_one_line(argv, words, tiny_folder,
+                                                                       tmp_path):
+    if "cuda" in argv and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has a GPU for each process")
+    p = torchrun(*tiny_args(tiny_folder, tmp_path / "bad"), *argv, timeout=120)
+    errors = [l for l in (p.stdout + p.stderr).splitlines() if "care.py: error:" in l]
+    assert p.returncode != 0 and len(errors) == 1 and words in errors[0], errors
+    assert not (tmp_path / "bad").exists()
