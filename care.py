@@ -608,6 +608,7 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
         seen = losses[read:step + 1].clone()
         if world > 1:                                   # every process stops, or none
             dist.all_reduce(seen)
+            seen /= world
         seen = seen.cpu()                               # the one host sync per interval
         bad = (~torch.isfinite(seen)).any(1).nonzero()
         if len(bad):
@@ -811,7 +812,6 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
                 saved = epoch
                 atomic_save(metrics, metrics_path)
                 log(table_row(row))
-            saved = epoch
             if world > 1:
                 dist.barrier()
     except KeyboardInterrupt:                           # Ctrl-C or SIGTERM
