@@ -1139,11 +1139,12 @@ def _residual_bars(ax, groups):
         bars = [d(f"{k}_residual") for k in ("identity", "procrustes", "linear")]
         ax.bar([j + i * width for j in range(3)], [b[0] or 0 for b in bars], width,
                yerr=[b[1] or 0 for b in bars],
-               label=f"{label} (Gram error {d('gram_error')[0] or float('nan'):.4f}, "
+               label=f"{label}\n(Gram error {d('gram_error')[0] or float('nan'):.4f}, "
                      f"rotation {d('rotation_angle_deg')[0] or float('nan'):.1f} deg)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(3)],
                   ["identity\n(invariance)", "best rotation\n(Procrustes)", "best linear\nmap"])
     ax.set(title="How well z(a x) predicts z(a' x)", ylabel="unexplained share of variance")
+    ax.margins(y=0.5)                           # room for the legend above the bars
 
 
 def _hue_curve(ax, groups):
@@ -1152,35 +1153,30 @@ def _hue_curve(ax, groups):
             curves = [(m.get("diagnostics") or {}).get(key) or {} for m in ms]
             shifts = list(curves[0])
             ax.plot([float(s) for s in shifts], [_stats([c.get(s) for c in curves])[0] for s in shifts],
-                    style, marker="o", label=f"{label}: {'h' if key == 'hue_cosine' else 'z'}")
-    ax.set(title="Colour sensitivity: cos(e(x), e(hue-shifted x))",
+                    style, marker="o", color=f"C{groups.index((label, ms))}")
+    ax.set(title="Colour sensitivity: cos(e(x), e(hue-shifted x))\nsolid: e = h, dashed: e = z",
            xlabel="hue shift (fraction of a turn)", ylabel="mean cosine similarity")
-
-
-def _summary_text(ax, groups):
-    ax.axis("off")
-    ax.set_title("Final numbers (mean +- sd over seeds)")
-    ax.text(0, 1, "\n\n".join(f"{label} ({len(ms)} run{'s' * (len(ms) > 1)})" + "".join(
-        f"\n  {k:<11}{v}" for k, v in group_summary(ms).items()) for label, ms in groups),
-        va="top", family="monospace", fontsize=7)
 
 
 PANELS = {**{k: functools.partial(_curve, key=k, title=f"{k} (training)") for k in TERMS[1:]},
           "knn": functools.partial(_curve, key="knn_top1", title="kNN top-1 % on the test split"),
-          "residuals": _residual_bars, "hue": _hue_curve, "summary": _summary_text}
+          "residuals": _residual_bars, "hue": _hue_curve}
 
 
-def plot(groups, path, rows, title):
-    """Draw panels for groups = [(label, [metrics, ...]), ...]; rows = [[panel names]]."""
+def plot(groups, path, panels, cols, title):
+    """Draw PANELS for groups = [(label, [metrics, ...]), ...], `cols` panels a row. Colours
+    name the groups in every panel; the first panel's legend says which is which."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = len(rows[0])                         # every row is full
-    fig, axes = plt.subplots(len(rows), cols, figsize=(4.6 * cols, 3.8 * len(rows)), squeeze=False)
-    for ax, name in zip(axes.flat, sum(rows, [])):
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes.flat, panels)):
         PANELS[name](ax, groups)
-        if name != "summary":
+        if i == 0 or name == "residuals":       # the residual labels carry numbers
             ax.legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1190,15 +1186,16 @@ def plot(groups, path, rows, title):
 def run_title(m):
     c = m["config"]
     subset = f" ({c['train_subset']} images)" if c["train_subset"] else ""
-    return (f"{c['method'].upper()} | {c['arch']} | {c['dataset']} {c['image_size']}px{subset} | "
-            f"{c['epochs']} epochs, batch {c['batch_size']} | {m['device']}")
+    return (f"{c['arch']} | {c['dataset']} {c['image_size']}px{subset} | {c['epochs']} epochs, "
+            f"batch {c['batch_size']} | {m['device']}")
 
 
 def draw_run(metrics, out):
-    groups, title = [(metrics["config"]["method"].upper(), [metrics])], run_title(metrics)
+    method = metrics["config"]["method"].upper()
+    groups, title = [(method, [metrics])], f"{method} | {run_title(metrics)}"
     plot(groups, os.path.join(out, "curves.png"),
-         [["alignment", "uniformity", "equivariance", "knn"]], title)
-    plot(groups, os.path.join(out, "geometry.png"), [["residuals", "hue"]], title)
+         ["alignment", "uniformity", "equivariance", "knn"], 4, title)
+    plot(groups, os.path.join(out, "geometry.png"), ["residuals", "hue"], 2, title)
 
 
 # Settings that tell runs apart in --compare (the seed does not: runs that differ only by
@@ -1209,7 +1206,7 @@ VARIANT_KEYS = ("method", "contrastive", "lam", "pair_per", "group_size", "tempe
 
 
 def group_summary(ms):
-    return {k: "-" if mean is None else f"{mean:.4g}" + (f" +- {sd:.2g}" if len(ms) > 1 else "")
+    return {k: "-" if mean is None else f"{mean:.4g}" + (f" +- {sd:.1g}" if len(ms) > 1 else "")
             for k, (mean, sd) in ((k, _stats([summary(m)[k] for m in ms])) for k in summary(ms[0]))}
 
 
@@ -1232,12 +1229,12 @@ def compare(dirs, out):
     groups = list(groups.items())
     os.makedirs(out, exist_ok=True)
     plot(groups, os.path.join(out, "compare.png"),
-         [["info_nce", "alignment", "uniformity", "equivariance"],
-          ["knn", "residuals", "hue", "summary"]], run_title(runs[0]) + " (first run)")
+         ["knn", "info_nce", "alignment", "uniformity", "equivariance", "residuals", "hue"], 4,
+         f"{len(runs)} runs in {len(groups)} settings | {run_title(runs[0])}")
     width = max(len(label) for label, _ in groups) + 2
-    print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>16}" for k in summary(runs[0])))
+    print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>18}" for k in summary(runs[0])))
     for label, ms in groups:
-        print(f"{label:<{width}}{len(ms):>5}" + "".join(f"{v:>16}" for v in group_summary(ms).values()))
+        print(f"{label:<{width}}{len(ms):>5}" + "".join(f"{v:>18}" for v in group_summary(ms).values()))
     print(f"figure: {os.path.join(out, 'compare.png')}")
 
 
