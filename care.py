@@ -868,7 +868,8 @@ def benchmark(cfg):
     device = setup(cfg)
     B, S = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
-    g, aug = torch.Generator(device).manual_seed(cfg.seed), augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    aug = augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
 
     def parts(**change):                        # a fresh network, optimizer and loss scaler
         c = argparse.Namespace(**{**vars(cfg), **change})
@@ -1095,7 +1096,8 @@ def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0):
     h, z = embed(model, x, clean)
     shifted = {d: embed(model, x, lambda v: clean(adjust_hue(v, d))) for d in HUE_SHIFTS}
     for key, i, ref in (("hue_cosine", 0, h), ("hue_cosine_z", 1, z)):
-        out[key] = {str(d): F.cosine_similarity(ref, e[i]).mean().item() for d, e in shifted.items()}
+        out[key] = {str(d): F.cosine_similarity(ref, e[i]).mean().item()
+                    for d, e in shifted.items()}
     return out
 
 
@@ -1110,7 +1112,8 @@ def _stats(values):
 
 def summary(m):
     """The numbers a reader compares between runs, from one metrics.json."""
-    d, knn = m.get("diagnostics") or {}, [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
+    d = m.get("diagnostics") or {}
+    knn = [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
     return {"kNN %": knn[-1] if knn else None, "linear %": m.get("linear_top1"),
             "Gram err": d.get("gram_error"), "Procrustes": d.get("procrustes_residual"),
             "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": d.get("hue_cosine", {}).get("0.5"),
@@ -1152,8 +1155,9 @@ def _hue_curve(ax, groups):
         for key, style in (("hue_cosine", "-"), ("hue_cosine_z", "--")):
             curves = [(m.get("diagnostics") or {}).get(key) or {} for m in ms]
             shifts = list(curves[0])
-            ax.plot([float(s) for s in shifts], [_stats([c.get(s) for c in curves])[0] for s in shifts],
-                    style, marker="o", color=f"C{groups.index((label, ms))}")
+            means = [_stats([c.get(s) for c in curves])[0] for s in shifts]
+            ax.plot([float(s) for s in shifts], means, style, marker="o",
+                    color=f"C{groups.index((label, ms))}")
     ax.set(title="Colour sensitivity: cos(e(x), e(hue-shifted x))\nsolid: e = h, dashed: e = z",
            xlabel="hue shift (fraction of a turn)", ylabel="mean cosine similarity")
 
@@ -1234,7 +1238,8 @@ def compare(dirs, out):
     width = max(len(label) for label, _ in groups) + 2
     print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>18}" for k in summary(runs[0])))
     for label, ms in groups:
-        print(f"{label:<{width}}{len(ms):>5}" + "".join(f"{v:>18}" for v in group_summary(ms).values()))
+        print(f"{label:<{width}}{len(ms):>5}"
+              + "".join(f"{v:>18}" for v in group_summary(ms).values()))
     print(f"figure: {os.path.join(out, 'compare.png')}")
 
 
@@ -1313,7 +1318,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser():
-    recipes = "\n".join(f"  {name:<9}" + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.items())
+    recipes = "\n".join(f"  {name:<9}" + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                  for k, v in r.items())
                         for name, r in RECIPES.items())
     p = Parser(description="CARE / SimCLR self-supervised training, evaluation and figures "
                "in one file. Several processes: torchrun --nproc_per_node=N care.py ...",
@@ -1426,7 +1432,8 @@ def configure(args, given):
     args.out = args.out or os.path.join("runs", "benchmark" if args.benchmark
                                         else f"{args.method}-{args.dataset}")
     existing = os.path.join(args.out, "checkpoint.pt")
-    continuing = args.resume and os.path.exists(existing) and os.path.samefile(existing, args.resume)
+    continuing = (args.resume and os.path.exists(existing)
+                  and os.path.samefile(existing, args.resume))
     if os.path.exists(existing) and not args.benchmark and not continuing:
         raise CareError(f"{args.out} already holds a run: continue it with --resume "
                         f"{os.path.join(args.out, 'checkpoint.pt')}, or choose another --out")
@@ -1457,13 +1464,14 @@ def validate(args):
         (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (not 0 < args.crop_scale_min <= 1, f"--crop-scale-min must be in (0, 1], got "
                                           f"{args.crop_scale_min}"),
-        (args.blur_kernel < 1 or args.blur_kernel % 2 == 0 or args.blur_kernel // 2 >= args.image_size,
+        (args.blur_kernel % 2 == 0 or not 1 <= args.blur_kernel < 2 * args.image_size,
          f"--blur-kernel must be odd and smaller than twice --image-size, got {args.blur_kernel}"),
         (args.dataset == "folder" and not args.benchmark and not os.path.isdir(args.data_root),
          f"--data-root {args.data_root} does not exist (--dataset folder needs DIR/train/<class>/ "
          f"and DIR/test/<class>/)"),
         (world > 1 and (args.benchmark or args.augmentations),
-         "--benchmark and --augmentations run in one process: start them with python, not torchrun"),
+         "--benchmark and --augmentations run in one process: start them with python, "
+         "not torchrun"),
         (args.sync_bn and device.type != "cuda",
          "--sync-bn needs CUDA (SyncBatchNorm has no CPU version); drop it on the CPU"),
         (device.type == "cuda" and torch.cuda.device_count() < local,
