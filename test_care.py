@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -940,3 +941,38 @@ def test_bad_input_under_torchrun_exits_on_every_process_with_one_line(argv, wor
     errors = [l for l in (p.stdout + p.stderr).splitlines() if "care.py: error:" in l]
     assert p.returncode != 0 and len(errors) == 1 and words in errors[0], errors
     assert not (tmp_path / "bad").exists()
+
+
+def processes_mentioning(text):
+    """Live processes whose command line contains text (Linux /proc; elsewhere: none seen)."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(text).encode() in f.read():
+                    found.append(pid)
+        except OSError:                                 # ended while we looked
+            pass
+    return found
+
+
+def test_sigterm_to_torchrun_stops_every_process_and_keeps_the_last_epoch(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "care.py", *tiny_args(tiny_folder, out, "--epochs", "500")],
+                         cwd=os.path.dirname(os.path.abspath(care.__file__)), start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)                   # to the launcher, as Ctrl-C would go
+        stdout, _ = p.communicate(timeout=60)           # every process ends within seconds
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "--resume" in stdout and not processes_mentioning(out)
+    kept = torch.load(out / "checkpoint.pt")["epoch"]
+    assert kept >= 1 and [r["epoch"] for r in read_json(out / "metrics.json")["epochs"]] == list(
+        range(kept + 1))
