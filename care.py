@@ -426,10 +426,11 @@ def alignment_uniformity(z1, z2, temperature=0.5, anchors=slice(None)):
 #     of "one augmentation moves these n images by one rotation". The authors' CIFAR code
 #     draws one pair per *batch* (--pair-per batch): its sampling runs once per step, so
 #     every image gets the same a and the same a'. Each view set has its own forward pass
-#     (as there), so BatchNorm then normalises a batch that all carries a: it subtracts
-#     the mean shift a causes in every channel before z is formed, the part of a that is
-#     easiest to see, and the equivariance loss gets easier. One pair per group keeps a
-#     mix of augmentations in every batch, so BatchNorm cannot remove them.
+#     (as there), so BatchNorm then normalises a batch that all carries a, and its batch
+#     statistics can absorb the channel shift a causes in common: in training part of a
+#     may never reach z (at test time, with running statistics, it does). In the README's
+#     CPU study one pair per batch trains to a 15% lower equivariance loss but no lower
+#     test Gram error. One pair per group keeps a mix of augmentations in every batch.
 #
 # The diagonal of G - G' is zero for unit vectors, so leaving it out changes nothing
 # there; the scaling 2/n (twice the mean over rows) is the reference implementation's.
@@ -859,11 +860,10 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
 def benchmark(cfg):
     """--benchmark: time full training steps against bare network steps and plain steps.
 
-    A bare step is the network alone: the encoder forward and backward on views made
-    beforehand, a trivial loss, the same optimizer and speed settings; full / bare is what
-    augmentation, the losses and the bookkeeping add. The plain step is the CARE step
-    without the speed settings (one forward pass for all views, fp32, contiguous, eager);
-    plain / full is what they buy.
+    bare: the network alone (forward and backward on ready views, a trivial loss, the same
+    optimizer and speed settings); full / bare is what augmentation, losses and bookkeeping
+    add. plain: the CARE step without the speed settings (one forward pass for all views,
+    fp32, contiguous, eager); plain / full is what they buy.
     """
     device = setup(cfg)
     B, S = cfg.batch_size, cfg.image_size
@@ -1326,81 +1326,62 @@ def build_parser():
                formatter_class=HelpFormatter,
                epilog=f"defaults that depend on --dataset (its reference recipe):\n{recipes}")
     by_dataset = " (default: by --dataset, below)"
+    on_off = argparse.BooleanOptionalAction          # --flag / --no-flag
     a = p.add_argument_group("method").add_argument
     a("--method", choices=["care", "simclr"], default="care",
       help="care: contrastive + lam * equivariance loss; simclr: contrastive only (lam = 0)")
     a("--contrastive", choices=["infonce", "uniformity"], default="infonce",
-      help="the contrastive term: InfoNCE, or only its uniformity half (no invariance)")
-    a("--lam", type=float, help="weight lambda of the equivariance loss" + by_dataset)
-    a("--group-size", type=int,
-      help="images per group sharing one augmentation pair (a, a'); divides the batch of "
-           "each process" + by_dataset)
+      help="InfoNCE, or only its uniformity half (no invariance)")
+    a("--lam", type=float, help="weight of the equivariance loss" + by_dataset)
+    a("--group-size", type=int, help="images sharing one pair (a, a')" + by_dataset)
     a("--pair-per", choices=["group", "batch"], default="group",
-      help="draw (a, a') once per group (the derivation), or once per batch (the authors' "
-           "CIFAR code)")
+      help="draw (a, a') once per group, or once per batch (the authors' code)")
     a("--temperature", type=float, default=0.5, help="InfoNCE temperature tau")
     a("--arch", choices=ARCHS, default="resnet18", help="backbone")
-    a("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
-      help="auto: the CIFAR stem below 64 px, the ImageNet stem from 64 px up")
+    a("--stem", choices=["auto", "cifar", "imagenet"], default="auto", help="auto: cifar < 64 px")
     a("--feature-dim", type=int, default=128, help="dimension of the projection z")
     a = p.add_argument_group("data").add_argument
-    a("--dataset", choices=[*RECIPES], default="cifar10",
-      help="a torchvision dataset (downloaded into --data-root), or an image folder")
-    a("--data-root", default="./data",
-      help="download folder, or for --dataset folder a DIR with train/<class>/ and test/<class>/")
+    a("--dataset", choices=[*RECIPES], default="cifar10", help="a torchvision dataset, or a folder")
+    a("--data-root", default="./data", help="download folder, or DIR/{train,test}/<class>/")
     a("--image-size", type=int, default=32, help="images are resized once, at load time")
-    a("--train-subset", type=int, default=0,
-      help="train on a fixed random subset of N images (0: all), for quick runs")
+    a("--train-subset", type=int, default=0, help="a fixed random subset of N images (0: all)")
     a("--crop-scale-min", type=float, default=0.08, help="smallest crop area, as a share")
     a("--blur-kernel", type=int, default=3, help="Gaussian blur kernel size (odd)")
     a = p.add_argument_group("optimisation").add_argument
-    a("--epochs", type=int, default=200, help="training epochs (0: evaluate the initial encoder)")
-    a("--batch-size", type=int, default=256,
-      help="images per step, over all processes (CARE: 4 views each)")
+    a("--epochs", type=int, default=200, help="0: evaluate the initial encoder")
+    a("--batch-size", type=int, default=256, help="images per step, over all processes")
     a("--optimizer", choices=["adam", "sgd"], help="sgd uses momentum 0.9" + by_dataset)
     a("--lr", type=float, help="learning rate" + by_dataset)
-    a("--weight-decay", type=float, help="L2 weight decay of the optimizer" + by_dataset)
-    a("--lr-schedule", choices=["constant", "cosine"],
-      help="cosine: linear warm-up, then cosine decay to 0 at --epochs" + by_dataset)
+    a("--weight-decay", type=float, help="weight decay" + by_dataset)
+    a("--lr-schedule", choices=["constant", "cosine"], help="cosine: with warm-up" + by_dataset)
     a("--warmup-epochs", type=int, default=10, help="warm-up length for --lr-schedule cosine")
     a("--seed", type=int, default=0, help="seeds the model, data order and augmentation")
-    a = p.add_argument_group("speed and devices").add_argument
+    a = p.add_argument_group("speed and devices (README, Speed)").add_argument
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
     a("--precision", choices=["auto", *PRECISIONS], default="auto",
-      help="encoder arithmetic (losses stay fp32). auto: bf16 on GPUs of compute capability "
-           "8+ and on CPUs with AVX512-BF16 or AMX, fp16 with loss scaling on older GPUs, "
-           "else fp32")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-      help="channels-innermost memory layout (faster on GPUs and CPUs)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False,
-      help="torch.compile the encoder for training")
-    a("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-      help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of "
-           "each process's share (SyncBatchNorm: about 3 host syncs per BatchNorm layer and "
-           "forward pass)")
+      help="of the encoder (losses stay fp32); auto: bf16 where native, fp16 on older GPUs")
+    a("--channels-last", action=on_off, default=True, help="channels-innermost memory layout")
+    a("--compile", action=on_off, default=False, help="torch.compile the encoder for training")
+    a("--sync-bn", action=on_off, default=False,
+      help="torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm: ~3 host syncs "
+           "per layer and forward)")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     a("--knn-k", type=int, default=200, help="neighbours in the weighted kNN")
     a("--probe-epochs", type=int, default=100, help="epochs of the final linear evaluation")
     a("--linear-eval", choices=["fast", "reference"], default="fast",
-      help="fast: a probe on features extracted once; reference: also the authors' protocol "
-           "(freshly augmented images every epoch: --probe-epochs backbone passes)")
+      help="reference: also the authors' protocol (freshly augmented images every epoch)")
     a("--log-every", type=int, default=20, help="steps between progress updates")
-    a("--out", default=None, help="run folder; if unset: runs/<method>-<dataset>, or the "
-      "folder of the --resume checkpoint")
-    a("--resume", metavar="PATH", default=None,
-      help="continue the run saved in PATH (a checkpoint.pt) with its settings; flags given "
-           "again override them, except the model, data and optimizer settings")
+    a("--out", help="run folder (default: runs/<method>-<dataset>, or the --resume folder)")
+    a("--resume", metavar="PATH", help="continue this checkpoint.pt with its settings "
+      "(flags typed again win, except model, data and optimizer)")
     a("--eval-only", action="store_true", help="with --resume: only evaluate the checkpoint")
     a = p.add_argument_group("other modes").add_argument
-    a("--compare", nargs="+", metavar="DIR",
-      help="group these runs (seeds pooled) into --out/compare.png and print a table")
-    a("--benchmark", action="store_true",
-      help="time training steps against bare and plain steps; writes --out/benchmark.json")
+    a("--compare", nargs="+", metavar="DIR", help="pool runs by setting: --out/compare.png")
+    a("--benchmark", action="store_true", help="time training steps: --out/benchmark.json")
     a("--bench-steps", type=int, default=10, help="timed steps per kind in --benchmark")
     a("--bench-warmup", type=int, default=3, help="untimed warm-up steps in --benchmark")
-    a("--augmentations", action="store_true",
-      help="draw x, t x, t' x, a x, a' x for two groups of test images: --out/augmentations.png")
+    a("--augmentations", action="store_true", help="draw the views: --out/augmentations.png")
     return p
 
 
@@ -1432,11 +1413,10 @@ def configure(args, given):
     args.out = args.out or os.path.join("runs", "benchmark" if args.benchmark
                                         else f"{args.method}-{args.dataset}")
     existing = os.path.join(args.out, "checkpoint.pt")
-    continuing = (args.resume and os.path.exists(existing)
-                  and os.path.samefile(existing, args.resume))
-    if os.path.exists(existing) and not args.benchmark and not continuing:
-        raise CareError(f"{args.out} already holds a run: continue it with --resume "
-                        f"{os.path.join(args.out, 'checkpoint.pt')}, or choose another --out")
+    if os.path.exists(existing) and not args.benchmark and not (
+            args.resume and os.path.samefile(existing, args.resume)):
+        raise CareError(f"{args.out} already holds a run: continue it with --resume {existing}, "
+                        f"or choose another --out")
     return args, ckpt
 
 
