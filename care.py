@@ -288,7 +288,10 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
     B, _, H, W = x.shape
     if group_size < 1 or B % group_size:
         raise ValueError(f"batch of {B} images is not a multiple of group_size={group_size}")
-    # One row of 31 uniforms per group, repeated for each image of the group.
+    # One row of 31 uniforms per group, repeated for each image of the group (this expand
+    # is all there is to group sharing). Columns: 0-9 crop areas and 10-19 aspect ratios
+    # (ten tries, as torchvision), 20-21 crop position, 22 flip, 23-26 jitter strengths,
+    # 27 jitter on?, 28 grayscale?, 29 blur?, 30 blur sigma.
     dev = generator.device if generator is not None else x.device
     u = torch.rand(B // group_size, 1, 31, device=dev, generator=generator).to(x.device)
     u = u.expand(-1, group_size, -1).reshape(B, 31)
@@ -438,6 +441,8 @@ def equivariance_loss(z1, z2, group_size):
     """Mean over groups of (2/n) sum_{i != j} (G_ij - G'_ij)^2, n = group_size.
 
     Rows [k n, (k+1) n) of z1 and z2 are group k: the same images under a and under a'.
+    The sum has n (n - 1) terms, so the loss, and with it lam's effective weight, grows
+    about linearly with n: a recipe's lam goes with its group size.
     """
     B, d = z1.shape
     if group_size < 1 or B % group_size:
@@ -672,6 +677,10 @@ def restore(ckpt, model, optimizer, scheduler, scaler):
     nothing: they are seeded by (seed, epoch)."""
     try:
         model.load_state_dict(ckpt["model"])
+        # The optimizer's kernel (fused on CUDA, not on a CPU) belongs to this machine;
+        # load_state_dict would take it from the checkpoint's groups (a CPU run's on a GPU).
+        for mine, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
+            saved.update(fused=mine["fused"], foreach=mine["foreach"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
@@ -1333,9 +1342,9 @@ def build_parser():
     a("--contrastive", choices=["infonce", "uniformity"], default="infonce",
       help="InfoNCE, or only its uniformity half (no invariance)")
     a("--lam", type=float, help="weight of the equivariance loss" + by_dataset)
-    a("--group-size", type=int, help="images sharing one pair (a, a')" + by_dataset)
+    a("--group-size", type=int, help="images per Gram matrix, sharing a pair (a, a')" + by_dataset)
     a("--pair-per", choices=["group", "batch"], default="group",
-      help="draw (a, a') once per group, or once per batch (the authors' code)")
+      help="draw (a, a') per group, or per batch (the authors' code; per process)")
     a("--temperature", type=float, default=0.5, help="InfoNCE temperature tau")
     a("--arch", choices=ARCHS, default="resnet18", help="backbone")
     a("--stem", choices=["auto", "cifar", "imagenet"], default="auto", help="auto: cifar < 64 px")
@@ -1401,6 +1410,10 @@ def configure(args, given):
             if k not in given and k not in ("resume", "eval_only", "out") + MACHINE_SETTINGS:
                 setattr(args, k, v)
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
+        if args.lr_schedule == "cosine" and args.epochs != ckpt["config"]["epochs"]:
+            raise CareError(f"--epochs {args.epochs}: this run's cosine schedule ends at epoch "
+                            f"{ckpt['config']['epochs']}, and another length would make the "
+                            f"learning rate jump; start a new run instead")
     for k, v in RECIPES[args.dataset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

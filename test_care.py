@@ -735,6 +735,12 @@ def test_resume_takes_checkpoint_settings_but_flags_typed_again_win(tiny_folder,
     assert cfg.out == str(tmp_path / "run")
     cfg, _ = care.configure(*care.parse_command_line(["--resume", ckpt, "--lam", "0.03"]))
     assert cfg.lam == 0.03 and cfg.epochs == 1
+    saved = torch.load(ckpt, weights_only=True)                 # a cosine schedule's length
+    saved["config"]["lr_schedule"] = "cosine"                   # is fixed: no jump in the lr
+    torch.save(saved, tmp_path / "cosine.pt")
+    with pytest.raises(care.CareError, match="cosine schedule ends at epoch 1"):
+        care.configure(*care.parse_command_line(["--resume", str(tmp_path / "cosine.pt"),
+                                                 "--epochs", "3"]))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -827,6 +833,23 @@ def test_restore_gives_adam_moments_the_parameters_memory_layout(tiny_folder, tm
     w = model.backbone.layer1[0].conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
     assert opt.state[w]["exp_avg"].stride() == opt.state[w]["exp_avg_sq"].stride() == w.stride()
+
+
+def test_restore_keeps_this_machines_fused_optimizer(tiny_folder, tmp_path):
+    """A CPU checkpoint (unfused Adam) resumed where Adam is fused (CUDA; here a fused CPU
+    Adam stands in) stays fused, so fp16's loss scaler can hand it grad_scale."""
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert not ckpt["optimizer"]["param_groups"][0]["fused"]
+    cfg = cfg_for(group_size=4)
+    model, _ = care.build_model(cfg, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    care.restore(ckpt, model, opt, sched, care.grad_scaler(cfg, torch.device("cpu")))
+    assert opt.param_groups[0]["fused"]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(sum(p.sum() for p in model.parameters())).backward()
+    scaler.step(opt)                            # unfused Adam would refuse grad_scale here
 
 
 def test_out_of_memory_wrapped_by_the_compiler_is_one_line(monkeypatch, tmp_path, capsys):
