@@ -14,7 +14,7 @@ visible in the embedding as structured, linear motion instead of being erased:
 The file reads top to bottom in the paper's order:
   1. data, held whole as uint8 tensors on the device, and the two-view, group-shared
      augmentation, batched on the device
-  2. the encoder: a CIFAR-stem ResNet and the projection head
+  2. the encoder: a torchvision ResNet (CIFAR or ImageNet stem) and the projection head
   3. the losses: InfoNCE and the orthogonal equivariance loss, with the derivation
   4. training: one step, one epoch, checkpoints, the run; the speed benchmark
   5. evaluation: kNN monitor, linear probe, geometry diagnostics
@@ -1080,10 +1080,10 @@ def rotation_angle_deg(Z, Q):
 
 
 def gram_error(Z, Z2):
-    """Mean squared off-diagonal difference of Z Z^T and Z' Z'^T."""
-    Z, Z2 = Z.double().cpu(), Z2.double().cpu()
-    off = ~torch.eye(len(Z), dtype=torch.bool)
-    return (Z @ Z.T - Z2 @ Z2.T).square()[off].mean().item()
+    """Mean squared off-diagonal difference of Z Z^T and Z' Z'^T: the equivariance loss
+    of one group holding all of Z, which sums 2/n times over n (n - 1) pairs, per pair."""
+    n = len(Z)
+    return equivariance_loss(Z, Z2, group_size=n).item() / (2 * (n - 1))
 
 
 @torch.no_grad()
