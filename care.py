@@ -278,12 +278,13 @@ def normalize(x, mean, std):
 
 
 def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-            scale_min=0.08, blur_kernel=3):
+            scale_min=0.08, blur_kernel=3, u=None):
     """Augment a float batch (B, 3, H, W) in [0, 1]; returns normalised views, same shape.
 
     Parameters are drawn once per group of `group_size` consecutive images and shared by
     the whole group: that gives the pairs (a x_1, ..., a x_n) the equivariance loss needs.
-    group_size=1 gives ordinary per-image SimCLR views. Every call draws fresh parameters.
+    group_size=1 gives ordinary per-image SimCLR views. Every call draws fresh parameters,
+    unless `u` (B // group_size, 1, 31) gives them (the diagnostics' per-family pairs).
     """
     B, _, H, W = x.shape
     if group_size < 1 or B % group_size:
@@ -293,8 +294,9 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
     # (ten tries, as torchvision), 20-21 crop position, 22 flip, 23-26 jitter strengths,
     # 27 jitter on?, 28 grayscale?, 29 blur?, 30 blur sigma.
     dev = generator.device if generator is not None else x.device
-    u = torch.rand(B // group_size, 1, 31, device=dev, generator=generator).to(x.device)
-    u = u.expand(-1, group_size, -1).reshape(B, 31)
+    if u is None:
+        u = torch.rand(B // group_size, 1, 31, device=dev, generator=generator)
+    u = u.to(x.device).expand(-1, group_size, -1).reshape(B, 31)
     x = random_resized_crop(x, u[:, 0:10], u[:, 10:20], u[:, 20:22], scale=(scale_min, 1.0))
     x = torch.where(_per_image(u[:, 22] < 0.5), x.flip(3), x)
     # Colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8. Simplification: torchvision applies
@@ -724,7 +726,7 @@ def device_name(device):
 
 
 HEADER = ("epoch |    loss | info_nce | alignment | uniformity | equivariance | kNN top-1 | "
-          " img/s |    time")
+          "Gram err | colour |  img/s |    time")
 
 
 def table_row(r):
@@ -732,6 +734,7 @@ def table_row(r):
     return (f"{r['epoch']:>5} | {f('loss', '.4f'):>7} | {f('info_nce', '.4f'):>8} | "
             f"{f('alignment', '.4f'):>9} | {f('uniformity', '.4f'):>10} | "
             f"{f('equivariance', '.5f'):>12} | {f('knn_top1', '.2f', '%'):>9} | "
+            f"{f('gram_error', '.4f'):>8} | {f('colour_probe_top1', '.1f', '%'):>6} | "
             f"{f('images_per_s', '.0f'):>6} | {f('seconds', '.1f', 's'):>7}")
 
 
@@ -801,9 +804,9 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
         log(table_row(row))
     start, feats = metrics["epochs"][-1]["epoch"] + 1 if metrics["epochs"] else 1, None
     if start == 1 and rank == 0:                        # epoch 0: the untrained encoder
-        feats = features(model, data)
-        metrics["epochs"].append({"epoch": 0, **dict.fromkeys(TERMS), "knn_top1": knn_top1(
-            *feats, k=cfg.knn_k), "images_per_s": None, "seconds": None})
+        feats, measured = monitor(model, data, aug, cfg)
+        metrics["epochs"].append({"epoch": 0, **dict.fromkeys(TERMS), "images_per_s": None,
+                                  "seconds": None, **measured})
         log(table_row(metrics["epochs"][0]))
     saved = epoch = start - 1
     try:
@@ -812,8 +815,8 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
             if rank == 0:                               # the others wait at the barrier
                 feats = None
                 if epoch % cfg.knn_every == 0 or epoch == cfg.epochs:
-                    feats = features(model, data)
-                    row["knn_top1"] = knn_top1(*feats, k=cfg.knn_k)
+                    feats, measured = monitor(model, data, aug, cfg)
+                    row.update(measured)
                 metrics["epochs"].append(row)
                 metrics["wall_time_s"] = time.time() - clock
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -839,6 +842,14 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
     return feats
 
 
+def monitor(model, data, aug, cfg):
+    """What an epoch's row records of the encoder: kNN top-1 and, more cheaply than at the
+    end (2 augmentation pairs, no per-family fit), the geometry. Returns the features too."""
+    feats = features(model, data)
+    return feats, {"knn_top1": knn_top1(*feats, k=cfg.knn_k),
+                   **geometry_diagnostics(model, data, aug, n_pairs=2, full=False)}
+
+
 def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
     """Process 0, after training: linear probe(s) and geometry; the record and figures."""
     feats = feats or features(model, data)
@@ -857,7 +868,10 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
         f"{d['gram_error']:.4f}, best rotation turns {d['rotation_angle_deg']:.1f} degrees\n"
         f"  residual share of z(a'x) given z(ax): identity {d['identity_residual']:.3f}, "
         f"rotation {d['procrustes_residual']:.3f}, linear {d['linear_residual']:.3f}\n"
-        f"  hue cosine of h: {hue('hue_cosine')}\n  hue cosine of z: {hue('hue_cosine_z')}")
+        f"  hue cosine of h: {hue('hue_cosine')}\n  hue cosine of z: {hue('hue_cosine_z')}\n"
+        f"  colour probe top-1 (chance {100 / HUE_TURNS:.0f}%): h {d['colour_probe_top1']:.2f}%, "
+        f"z {d['colour_probe_top1_z']:.2f}%\n  one family at a time, rotation residual: "
+        + ", ".join(f"{f} {v['procrustes_residual']:.3f}" for f, v in d["by_family"].items()))
     metrics["wall_time_s"] = time.time() - clock
     metrics_path = os.path.join(cfg.out, "metrics.json")
     atomic_save(metrics, metrics_path)
@@ -1026,10 +1040,15 @@ def reference_linear_eval(model, data, aug, cfg):
                       512, 1e-3, 1e-6, cfg.seed, cosine=False)
 
 
+@torch.enable_grad()                            # also when called from a no_grad diagnostic
 def fit_linear(epoch_features, train_y, test_h, test_y, epochs, batch_size, lr, weight_decay,
                seed, cosine):
-    """Train a linear classifier with Adam on epoch_features() (called once per epoch)."""
-    clf = nn.Linear(test_h.shape[1], int(train_y.max()) + 1).to(test_h.device)
+    """Train a linear classifier with Adam on epoch_features() (called once per epoch).
+    `seed` fixes its initial weights and batch order, and the global random stream is
+    left alone: a probe run during training cannot change the training."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = nn.Linear(test_h.shape[1], int(train_y.max()) + 1).to(test_h.device)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train_y) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -1054,7 +1073,23 @@ def fit_linear(epoch_features, train_y, test_h, test_y, epochs, batch_size, lr, 
 # (pure invariance, SimCLR's ideal) and an unconstrained linear map (the most a linear
 # map can explain). Always: linear <= rotation <= identity. How far the best rotation
 # turns (its angle) says whether the rotations are small, as alignment asks.
-HUE_SHIFTS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+HUE_TURNS = 10                  # the colour probe turns hue by k/10 of a turn: chance 10%
+# Columns of augment()'s uniforms by family, and the column that switches it on (on below
+# the family's probability, so 0 is on and 1 is off; the crop has no switch).
+FAMILIES = {"crop": (range(22), None), "flip": ((), 22), "colour jitter": (range(23, 27), 27),
+            "grayscale": ((), 28), "blur": ((30,), 29)}
+
+
+def family_pair(family, g):
+    """Parameters of a pair (a, a') equal but for one family: a without it, a' with it at a
+    fresh strength (two different crops for "crop")."""
+    cols, switch = FAMILIES[family]
+    u = torch.rand(1, 1, 31, device=g.device, generator=g)
+    u2 = u.clone()
+    u2[..., list(cols)] = torch.rand(1, 1, len(cols), device=g.device, generator=g)
+    if switch is not None:
+        u[..., switch], u2[..., switch] = 1.0, 0.0
+    return u, u2
 
 
 def residuals(Z, Z2):
@@ -1086,27 +1121,59 @@ def gram_error(Z, Z2):
     return equivariance_loss(Z, Z2, group_size=n).item() / (2 * (n - 1))
 
 
+def pair_fit(model, x, aug, g, n_pairs, family=None):
+    """gram_error, the residuals and the angle, means over n_pairs pairs (a, a') each
+    applied to all of x: drawn from the augmentation, or differing in one family only."""
+    out = {}
+    for _ in range(n_pairs):
+        u = family_pair(family, g) if family else (None, None)
+        Z, Z2 = (embed(model, x, lambda v: aug(v, len(v), g, u=p), len(x))[1] for p in u)
+        for k, v in {"gram_error": gram_error(Z, Z2), **residuals(Z, Z2)}.items():
+            out[k] = out.get(k, 0.0) + v / n_pairs
+    return out
+
+
+def colour_probe(by_turn, seed=0):
+    """Can the hue turn be read from the embedding? by_turn[k] holds the embeddings of the
+    images turned by k/K. A linear probe learns k on the first half of the images and is
+    tested on the other half (unseen images): top-1 in percent, chance 100/K. A cosine
+    says how far a turn moves an embedding; this says whether the turn stays readable."""
+    half = len(by_turn[0]) // 2
+    split = lambda part: (torch.cat([e[part] for e in by_turn]), torch.arange(
+        len(by_turn), device=by_turn[0].device).repeat_interleave(len(by_turn[0][part])))
+    return linear_probe(*split(slice(None, half)), *split(slice(half, None)), batch_size=64,
+                        lr=1e-2, seed=seed)     # enough steps to converge on 2,560 samples
+
+
+def colour_diagnostics(model, x, data, seed=0):
+    """Colour on h (what evaluation reads) and on z (where the losses act): the cosine
+    between the embeddings of x and of x with its hue turned by 0.1 ... 0.5 of a turn,
+    and the colour probe over HUE_TURNS turns."""
+    clean = functools.partial(normalize, mean=data.mean, std=data.std)
+    turned = [embed(model, x, lambda v: clean(adjust_hue(v, k / HUE_TURNS) if k else v))
+              for k in range(HUE_TURNS)]
+    out = {}
+    for suffix, i in (("", 0), ("_z", 1)):
+        out["hue_cosine" + suffix] = {f"{k / HUE_TURNS:g}": F.cosine_similarity(
+            turned[0][i], turned[k][i]).mean().item() for k in range(1, HUE_TURNS // 2 + 1)}
+        out["colour_probe_top1" + suffix] = colour_probe([e[i] for e in turned], seed)
+    return out
+
+
 @torch.no_grad()
-def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0):
-    """gram_error, the residuals and rotation angle (means over K pairs), and the hue
-    sensitivity of h and of z by shift."""
+def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0, full=True):
+    """The rotation fit (pair_fit) and colour_diagnostics on n_images fixed test images;
+    full: also the fit per augmentation family and the Gram matrices of one group of 16."""
     g = torch.Generator(data.test_x.device).manual_seed(seed)
     pick = torch.randperm(len(data.test_x), device=data.test_x.device, generator=g)[:n_images]
     x = data.test_x[pick]
-    out = {"images": len(x), "pairs": n_pairs}
-    for _ in range(n_pairs):                            # group_size = all: one (a, a')
-        (_, Z), (_, Z2) = (embed(model, x, lambda v: aug(v, len(v), g), n_images)
-                           for _ in range(2))
-        for k, v in {"gram_error": gram_error(Z, Z2), **residuals(Z, Z2)}.items():
-            out[k] = out.get(k, 0.0) + v / n_pairs
-    # Colour sensitivity: cosine between the embeddings of x and of x with its hue turned
-    # by delta, on h (what evaluation reads) and on z (where the losses act).
-    clean = functools.partial(normalize, mean=data.mean, std=data.std)
-    h, z = embed(model, x, clean)
-    shifted = {d: embed(model, x, lambda v: clean(adjust_hue(v, d))) for d in HUE_SHIFTS}
-    for key, i, ref in (("hue_cosine", 0, h), ("hue_cosine_z", 1, z)):
-        out[key] = {str(d): F.cosine_similarity(ref, e[i]).mean().item()
-                    for d, e in shifted.items()}
+    out = {"images": len(x), "pairs": n_pairs, **pair_fit(model, x, aug, g, n_pairs),
+           **colour_diagnostics(model, x, data, seed)}
+    if full:
+        out["by_family"] = {f: pair_fit(model, x, aug, g, n_pairs, f) for f in FAMILIES}
+        Z, Z2 = (embed(model, x[:16], lambda v: aug(v, len(v), g))[1] for _ in range(2))
+        out["gram_matrices"] = {k: [[round(v, 4) for v in row] for row in (M @ M.T).tolist()]
+                                for k, M in (("G", Z), ("G_prime", Z2))}
     return out
 
 
@@ -1125,38 +1192,46 @@ def summary(m):
     knn = [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
     return {"kNN %": knn[-1] if knn else None, "linear %": m.get("linear_top1"),
             "Gram err": d.get("gram_error"), "Procrustes": d.get("procrustes_residual"),
-            "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": d.get("hue_cosine", {}).get("0.5"),
-            "hue z 0.5": d.get("hue_cosine_z", {}).get("0.5"), "wall min": m["wall_time_s"] / 60}
+            "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": _value(d, ("hue_cosine", "0.5")),
+            "hue z 0.5": _value(d, ("hue_cosine_z", "0.5")),
+            "colour h %": d.get("colour_probe_top1"), "wall min": m["wall_time_s"] / 60}
 
 
-def _curve(ax, groups, key, title):
-    for label, ms in groups:
-        by_epoch = {}
-        for r in (r for m in ms for r in m["epochs"] if r.get(key) is not None):
-            by_epoch.setdefault(r["epoch"], []).append(r[key])
-        epochs = sorted(by_epoch)
-        mean, sd = zip(*(_stats(by_epoch[e]) for e in epochs)) if epochs else ((), ())
-        line, = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, ms=3,
-                        label=label if epochs else f"{label} (not computed)")
-        if len(ms) > 1 and epochs:                      # the spread over seeds
-            ax.fill_between(epochs, [a - b for a, b in zip(mean, sd)],
-                            [a + b for a, b in zip(mean, sd)], color=line.get_color(), alpha=0.2)
+def _value(record, key):
+    """record[key]; a tuple key reads nested records: ("hue_cosine", "0.5")."""
+    for k in key if isinstance(key, tuple) else (key,):
+        record = record.get(k) if isinstance(record, dict) else None
+    return record
+
+
+def _curve(ax, groups, keys, title):
+    """Each key against the epoch (the first solid, the next dashed), a colour per group."""
+    for g, (label, ms) in enumerate(groups):
+        for key, style in zip(keys, ("-", "--", ":")):
+            by_epoch = {}
+            for r in (r for m in ms for r in m["epochs"] if _value(r, key) is not None):
+                by_epoch.setdefault(r["epoch"], []).append(_value(r, key))
+            epochs = sorted(by_epoch)
+            mean, sd = zip(*(_stats(by_epoch[e]) for e in epochs)) if epochs else ((), ())
+            ax.plot(epochs, mean, style, color=f"C{g}", marker="o" if len(epochs) < 30 else None,
+                    ms=3, label=None if style != "-" else label if epochs else f"{label} (none)")
+            if len(ms) > 1 and epochs:                  # the spread over seeds
+                ax.fill_between(epochs, [a - b for a, b in zip(mean, sd)],
+                                [a + b for a, b in zip(mean, sd)], color=f"C{g}", alpha=0.2)
     ax.set(title=title, xlabel="epoch")
 
 
-def _residual_bars(ax, groups):
+def _bars(ax, groups, names, keys, title):
+    """A bar per group and name; with two keys, keys[0] light and keys[1] (smaller) on top."""
     width = 0.8 / len(groups)
     for i, (label, ms) in enumerate(groups):
-        d = lambda k: _stats([(m.get("diagnostics") or {}).get(k) for m in ms])
-        bars = [d(f"{k}_residual") for k in ("identity", "procrustes", "linear")]
-        ax.bar([j + i * width for j in range(3)], [b[0] or 0 for b in bars], width,
-               yerr=[b[1] or 0 for b in bars],
-               label=f"{label}\n(Gram error {d('gram_error')[0] or float('nan'):.4f}, "
-                     f"rotation {d('rotation_angle_deg')[0] or float('nan'):.1f} deg)")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(3)],
-                  ["identity\n(invariance)", "best rotation\n(Procrustes)", "best linear\nmap"])
-    ax.set(title="How well z(a x) predicts z(a' x)", ylabel="unexplained share of variance")
-    ax.margins(y=0.5)                           # room for the legend above the bars
+        for key, alpha in zip(keys, (0.35, 1.0)[2 - len(keys):]):
+            v = [_stats([_value(m.get("diagnostics") or {}, key(n)) for m in ms]) for n in names]
+            ax.bar([j + i * width for j in range(len(names))], [a or 0 for a, _ in v], width,
+                   yerr=[b or 0 for _, b in v], color=f"C{i}", alpha=alpha,
+                   label=label if alpha == 1 else None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
+    ax.set(title=title, ylabel="unexplained share of variance")
 
 
 def _hue_curve(ax, groups):
@@ -1171,9 +1246,43 @@ def _hue_curve(ax, groups):
            xlabel="hue shift (fraction of a turn)", ylabel="mean cosine similarity")
 
 
-PANELS = {**{k: functools.partial(_curve, key=k, title=f"{k} (training)") for k in TERMS[1:]},
-          "knn": functools.partial(_curve, key="knn_top1", title="kNN top-1 % on the test split"),
-          "residuals": _residual_bars, "hue": _hue_curve}
+def _gram_matrices(ax, groups):
+    """G, G' and |G - G'| of one group of test images under one pair: is G = G'?"""
+    d = (groups[0][1][0].get("diagnostics") or {}).get("gram_matrices")
+    if not d:
+        return ax.axis("off")
+    G, G2 = torch.tensor(d["G"]), torch.tensor(d["G_prime"])
+    n, gap = len(G), torch.full((len(G), 1), float("nan"))
+    ax.imshow(torch.cat([G, gap, G2, gap, (G - G2).abs()], 1).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks([(n - 1) / 2, 1.5 * n, 2.5 * n + 1], ["G = Z Z^T", "G' = Z' Z'^T", "|G - G'|"])
+    ax.set(yticks=[], title=f"{n} test images, Z = z(a x), Z' = z(a' x) (-1 blue, +1 red)\n"
+           f"mean off-diagonal (G - G')^2: {((G - G2).square().sum() / (n * (n - 1))).item():.4f}")
+
+
+_family = lambda k: lambda f: ("by_family", f, k)
+PANELS = {
+    **{k: functools.partial(_curve, keys=[k], title=f"{k} (training)") for k in TERMS[1:]},
+    "knn": functools.partial(_curve, keys=["knn_top1"], title="kNN top-1 % on the test split"),
+    "gram": functools.partial(_curve, keys=["gram_error"], title="Gram error (test)"),
+    "procrustes": functools.partial(_curve, keys=["procrustes_residual", "identity_residual"],
+                                    title="unexplained share of z(a'x):\nrotation (solid), "
+                                          "identity (dashed)"),
+    "angle": functools.partial(_curve, keys=["rotation_angle_deg"], title="rotation (degrees)"),
+    **{f"hue{s}": functools.partial(_curve, keys=[(f"hue_cosine{s}", t) for t in ("0.1", "0.5")],
+                                    title=f"hue cosine of {s[1:] or 'h'}: 0.1 turn (solid), 0.5 "
+                                          f"(dashed)") for s in ("", "_z")},
+    "colour": functools.partial(_curve, keys=["colour_probe_top1", "colour_probe_top1_z"],
+                                title=f"colour probe top-1 %: h (solid), z (dashed);\nchance "
+                                      f"{100 / HUE_TURNS:.0f}%"),
+    "residuals": functools.partial(
+        _bars, names=["identity", "procrustes", "linear"], keys=[lambda n: f"{n}_residual"],
+        title="How well z(a x) predicts z(a' x):\nidentity, best rotation, best linear map"),
+    "families": functools.partial(
+        _bars, names=list(FAMILIES), keys=[_family("identity_residual"),
+                                           _family("procrustes_residual")],
+        title="a, a' differ in one family only: unexplained\nby identity (light), by a rotation "
+              "(dark)"),
+    "hue_shifts": _hue_curve, "gram_matrices": _gram_matrices}
 
 
 def plot(groups, path, panels, cols, title):
@@ -1186,7 +1295,7 @@ def plot(groups, path, panels, cols, title):
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes.flat, panels)):
         PANELS[name](ax, groups)
-        if i == 0 or name == "residuals":       # the residual labels carry numbers
+        if i == 0:                              # the colours name the groups
             ax.legend(fontsize=7)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
@@ -1206,9 +1315,10 @@ def run_title(m):
 def draw_run(metrics, out):
     method = metrics["config"]["method"].upper()
     groups, title = [(method, [metrics])], f"{method} | {run_title(metrics)}"
-    plot(groups, os.path.join(out, "curves.png"),
-         ["alignment", "uniformity", "equivariance", "knn"], 4, title)
-    plot(groups, os.path.join(out, "geometry.png"), ["residuals", "hue"], 2, title)
+    plot(groups, os.path.join(out, "curves.png"), ["alignment", "uniformity", "equivariance",
+         "knn", "gram", "procrustes", "angle", "hue", "hue_z", "colour"], 5, title)
+    plot(groups, os.path.join(out, "geometry.png"),
+         ["residuals", "hue_shifts", "families", "gram_matrices"], 2, title)
 
 
 # Settings that tell runs apart in --compare (the seed does not: runs that differ only by
@@ -1242,7 +1352,8 @@ def compare(dirs, out):
     groups = list(groups.items())
     os.makedirs(out, exist_ok=True)
     plot(groups, os.path.join(out, "compare.png"),
-         ["knn", "info_nce", "alignment", "uniformity", "equivariance", "residuals", "hue"], 4,
+         ["knn", "info_nce", "alignment", "uniformity", "equivariance", "gram", "procrustes",
+          "angle", "hue", "hue_z", "colour", "residuals", "families", "hue_shifts"], 5,
          f"{len(runs)} runs in {len(groups)} settings | {run_title(runs[0])}")
     width = max(len(label) for label, _ in groups) + 2
     print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>18}" for k in summary(runs[0])))

@@ -468,10 +468,16 @@ def test_end_to_end_care_run_writes_the_record(tiny_folder, tmp_path):
                           "knn_top1", "images_per_s", "seconds"}
         assert r["loss"] == pytest.approx(r["info_nce"] + 0.03 * r["equivariance"], rel=1e-4)
         assert r["info_nce"] > r["alignment"] + r["uniformity"]     # the remainder is positive
+    geometry = {"gram_error", "identity_residual", "procrustes_residual", "linear_residual",
+                "rotation_angle_deg", "hue_cosine", "hue_cosine_z", "colour_probe_top1",
+                "colour_probe_top1_z"}
+    for r in rows:                                  # measured with kNN, every epoch here
+        assert set(r) >= geometry and r["pairs"] == 2
     d = on_disk["diagnostics"]
-    assert set(d) >= {"gram_error", "identity_residual", "procrustes_residual",
-                      "linear_residual", "rotation_angle_deg", "hue_cosine", "hue_cosine_z"}
-    assert list(d["hue_cosine"]) == list(d["hue_cosine_z"]) == ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert set(d) >= geometry and d["pairs"] == 8
+    assert list(d["hue_cosine"]) == list(d["hue_cosine_z"]) == ["0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert list(d["by_family"]) == list(care.FAMILIES)
+    assert len(d["gram_matrices"]["G"]) == 16 and d["gram_matrices"]["G"][3][3] == pytest.approx(1)
     assert 0 <= d["rotation_angle_deg"] <= 180
     assert d["linear_residual"] <= d["procrustes_residual"] + 1e-9
     assert d["procrustes_residual"] <= d["identity_residual"] + 1e-9
@@ -611,16 +617,69 @@ def test_rotation_angle_is_zero_for_identical_views_and_recovers_a_known_angle()
         assert r["procrustes_residual"] < 1e-10
 
 
-def test_hue_sensitivity_is_one_at_shift_zero(tiny_folder, monkeypatch):
-    monkeypatch.setattr(care, "HUE_SHIFTS", (0.0, 0.5))
+def test_hue_cosines_come_from_turned_images(tiny_folder):
     data = care.load_data("folder", str(tiny_folder), 8)
     torch.manual_seed(0)
-    d = care.geometry_diagnostics(care.Encoder(feature_dim=16), data,
-                                  care.functools.partial(care.augment, mean=data.mean, std=data.std),
-                                  n_images=16, n_pairs=2)
-    assert d["hue_cosine"]["0.0"] == pytest.approx(1, abs=1e-5)
-    assert d["hue_cosine_z"]["0.0"] == pytest.approx(1, abs=1e-5)
-    assert d["hue_cosine_z"]["0.5"] < 1 - 1e-4
+    d = care.colour_diagnostics(care.Encoder(feature_dim=16).eval(), data.test_x, data)
+    assert all(-1 <= v <= 1 for v in d["hue_cosine"].values())
+    assert d["hue_cosine_z"]["0.5"] < 1 - 1e-4 and 0 <= d["colour_probe_top1"] <= 100
+
+
+class ColourReader(torch.nn.Module):
+    """A stand-in encoder whose h is one colour statistic of the un-normalised image."""
+
+    def __init__(self, read, data):
+        super().__init__()
+        self.read, self.mean, self.std = read, torch.tensor(data.mean), torch.tensor(data.std)
+
+    def forward(self, x):
+        h = self.read(x * self.std.view(1, 3, 1, 1) + self.mean.view(1, 3, 1, 1))
+        return h, torch.nn.functional.normalize(h, dim=1)
+
+
+def reddish_images(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([200.0, 70.0, 40.0]).view(1, 3, 1, 1)
+    return (base + 30 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 255).to(torch.uint8)
+
+
+def test_colour_probe_is_at_chance_on_hsv_value_and_far_above_on_mean_colour():
+    x = reddish_images()
+    data = care.Data(x, torch.zeros(64, dtype=torch.long), x, torch.zeros(64, dtype=torch.long),
+                     ["c"], (0.5, 0.3, 0.2), (0.2, 0.2, 0.2))
+    value = care.colour_diagnostics(ColourReader(lambda v: v.amax(1).flatten(1), data), x, data)
+    mean = care.colour_diagnostics(ColourReader(lambda v: v.mean((2, 3)), data), x, data)
+    chance = 100 / care.HUE_TURNS
+    assert value["colour_probe_top1"] == pytest.approx(chance, abs=0.5)     # a turn keeps V
+    assert value["hue_cosine"]["0.5"] == pytest.approx(1, abs=1e-5)
+    assert mean["colour_probe_top1"] > 5 * chance
+
+
+def test_colour_probe_is_repeatable_for_a_seed():
+    g = torch.Generator().manual_seed(0)
+    by_turn = [torch.randn(40, 16, generator=g) + 0.3 * k for k in range(care.HUE_TURNS)]
+    assert care.colour_probe(by_turn, seed=3) == care.colour_probe(by_turn, seed=3)
+    before = torch.random.get_rng_state()
+    care.colour_probe(by_turn, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), before)   # the global stream untouched
+
+
+@pytest.mark.parametrize("family", ["flip", "grayscale"])
+def test_family_pairs_differ_in_that_family_only(family):
+    x, g = images(4), torch.Generator().manual_seed(0)
+    a, a2 = care.family_pair(family, g)
+    v, v2 = (care.augment(x, 4, u=u, mean=(0.0,) * 3, std=(1.0,) * 3) for u in (a, a2))
+    expected = v.flip(3) if family == "flip" else care.rgb_to_grayscale(v).expand_as(v)
+    assert torch.allclose(v2, expected, atol=1e-5) and not torch.allclose(v, v2, atol=1e-3)
+
+
+def test_monitoring_every_epoch_leaves_training_unchanged(tiny_folder, tmp_path):
+    every = care.main(tiny_args(tiny_folder, tmp_path / "a", "--epochs", "3"))
+    rarely = care.main(tiny_args(tiny_folder, tmp_path / "b", "--epochs", "3", "--knn-every", "3"))
+    assert [r.get("colour_probe_top1") is None for r in rarely["epochs"]] == [False, True, True, False]
+    for r, q in zip(every["epochs"][1:], rarely["epochs"][1:]):
+        assert [r[k] for k in care.TERMS] == [q[k] for k in care.TERMS]
+    assert every["epochs"][3]["gram_error"] == rarely["epochs"][3]["gram_error"]
 
 
 def test_gram_error_zero_for_rotation_and_hue_shift_zero_is_identity():
