@@ -11,17 +11,21 @@ visible in the embedding as structured, linear motion instead of being erased:
 
     L = info_nce(z(t x), z(t' x)) + lam * equivariance_loss(z(a x), z(a' x), group_size)
 
-The file reads top to bottom in the paper's order:
-  1. data, held whole as uint8 tensors on the device, and the two-view, group-shared
-     augmentation, batched on the device
-  2. the encoder: a torchvision ResNet (CIFAR or ImageNet stem) and the projection head
-  3. the losses: InfoNCE and the orthogonal equivariance loss, with the derivation
-  4. training: one step, one epoch, checkpoints, the run; the speed benchmark
-  5. evaluation: kNN monitor, linear probe, geometry diagnostics
-  6. plots
-  7. the command line
+The file reads top to bottom in the paper's order. Each section's banner says whether it
+is the method (read it beside the paper) or machinery (a student may skip it):
+  1.  data, held whole as uint8 tensors on the device                      machinery
+  1b. the two-view, group-shared augmentation, batched on the device        method
+  2.  the encoder: a torchvision ResNet (CIFAR or ImageNet stem) and head   method
+  3.  the losses: InfoNCE and the equivariance loss, with the derivation    method
+  4.  training: one step, its views and its objective                       method
+  4b. the run: epochs, checkpoints, progress, resume, torchrun              machinery
+  5.  evaluation: kNN monitor and linear probe                              machinery
+  5b. geometry diagnostics: the paper's claims, measured                    method
+  6.  plots; 7. other modes (--compare, --augmentations, --benchmark);
+  8.  the command line                                                      machinery
+A trained encoder leaves with load_encoder(path) (README, "Use the trained encoder").
 
-    python care.py --epochs 200                 # CIFAR-10, ResNet-18, the reference recipe
+    python care.py --epochs 200                 # CIFAR-10, ResNet-18, the authors' recipe
     python care.py --help
 """
 import argparse
@@ -62,7 +66,7 @@ class CareError(Exception):
 
 
 # =====================================================================================
-# 1. Data: each split held whole, as a uint8 tensor on the training device
+# 1. Data: each split held whole, as uint8 on the device          [machinery: a student may skip it]
 # =====================================================================================
 # CIFAR-10's 50,000 training images are 150 MB as uint8: they fit on any GPU. Holding
 # them there removes the data loader, its worker processes and the per-image PIL
@@ -164,7 +168,7 @@ def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
 
 
 # -------------------------------------------------------------------------------------
-# 1b. Augmentation: two views, parameters shared within a group
+# 1b. Augmentation: two views, parameters shared within a group                 [the method]
 # -------------------------------------------------------------------------------------
 # The reference CIFAR recipe (SimCLR's): random resized crop, horizontal flip, colour
 # jitter with p=0.8, grayscale with p=0.2, Gaussian blur with p=0.5, normalisation.
@@ -318,7 +322,7 @@ def augmenter(cfg, mean, std):
 
 
 # =====================================================================================
-# 2. The encoder: backbone h and projection head g
+# 2. The encoder: backbone h (evaluation) and projection head g (losses)        [the method]
 # =====================================================================================
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -354,7 +358,7 @@ class Encoder(nn.Module):
 
 
 # =====================================================================================
-# 3. The losses
+# 3. The losses: InfoNCE, its two halves, the equivariance loss and why it works [the method]
 # =====================================================================================
 def _similarities(z1, z2, temperature):
     """Logits s_ik / tau over the 2B views, the diagonal removed, and each view's partner."""
@@ -431,7 +435,7 @@ def alignment_uniformity(z1, z2, temperature=0.5, anchors=slice(None)):
 #     of "one augmentation moves these n images by one rotation". The authors' CIFAR code
 #     draws one pair per *batch* (--pair-per batch): its sampling runs once per step, so
 #     every image gets the same a and the same a'. Each view set has its own forward pass
-#     (as there), so BatchNorm then normalises a batch that all carries a, and its batch
+#     (there too), so BatchNorm then normalises a batch that all carries a, and its batch
 #     statistics can absorb the channel shift a causes in common: in training part of a
 #     may never reach z (at test time, with running statistics, it does). In the README's
 #     CPU study one pair per batch trains to a 15% lower equivariance loss but no lower
@@ -458,49 +462,20 @@ def equivariance_loss(z1, z2, group_size):
 
 
 # =====================================================================================
-# 4. Training
+# 4. Training: one step, its four views and its objective                      [the method]
 # =====================================================================================
-# Speed settings, chosen per run (README, Speed): mixed precision runs the encoder in a
-# 16-bit float where the hardware computes in one natively, while the losses stay float32;
-# channels_last stores images and convolution weights with the channels innermost, the
-# layout the fast convolution kernels of GPUs and of CPUs alike want.
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TERMS = ("loss", "info_nce", "alignment", "uniformity", "equivariance")   # one row per step
 
 
-def amp_dtype(precision, device):
-    """--precision auto: bf16 where the hardware has it (CUDA compute capability 8 and up,
-    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100: bf16 is slow there),
-    else fp32."""
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    elif precision == "auto":
-        native = (getattr(torch.cpu, f, lambda: False)()
-                  for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        precision = "bf16" if any(native) else "fp32"
-    return PRECISIONS[precision]
-
-
-def autocast(cfg, device):
-    dtype = amp_dtype(cfg.precision, device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def grad_scaler(cfg, device):
-    """fp16 needs its loss scaled against underflowing gradients; bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type,
-                                enabled=amp_dtype(cfg.precision, device) == torch.float16)
-
-
-def train_step(model, optimizer, scaler, images, cfg, generator, aug, one_pass=False):
+def train_step(model, optimizer, scaler, images, cfg, generator, aug):
     """One step on a uint8 batch; returns the TERMS on the device.
 
-    CARE makes four views per image, as the reference does: two per-image views (t x,
-    t' x) for InfoNCE and two group-shared views (a x, a' x) for the equivariance loss;
-    SimCLR only the first two. Each view set has its own forward pass, as in the
-    reference, so BatchNorm's batch statistics are per view set (see (5) above); on a CPU
-    four passes of B images are also faster than one of 4B. one_pass=True runs all views
-    as one batch (the benchmark's "plain" step).
+    CARE makes four views per image, as the authors' CIFAR code does: two per-image views
+    (t x, t' x) for InfoNCE and two group-shared views (a x, a' x) for the equivariance
+    loss; SimCLR only the first two. Each view set has its own forward pass, as in their
+    code, so BatchNorm's batch statistics are per view set (see (5) above; their 2-GPU
+    DataParallel halves each set); on a CPU four passes of B images are also faster than
+    one of 4B.
     """
     x = images.float().div_(255)
     views = [aug(x, 1, generator) for _ in range(2)]
@@ -509,10 +484,7 @@ def train_step(model, optimizer, scaler, images, cfg, generator, aug, one_pass=F
         views += [aug(x, shared, generator) for _ in range(2)]
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     with autocast(cfg, x.device):
-        if one_pass:
-            z = model(torch.cat(views).contiguous(memory_format=layout))[1].chunk(len(views))
-        else:
-            z = [model(v.contiguous(memory_format=layout))[1] for v in views]
+        z = [model(v.contiguous(memory_format=layout))[1] for v in views]
     terms = objective(z, cfg)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms[0]).backward()
@@ -546,8 +518,43 @@ def objective(z, cfg):
     return torch.stack([loss, nce, alignment, uniformity, equi])
 
 
+# =====================================================================================
+# 4b. The run: epochs, checkpoints, progress, resume, torchrun  [machinery: a student may skip it]
+# =====================================================================================
+# Speed settings, chosen per run (README, Speed): mixed precision runs the encoder in a
+# 16-bit float where the hardware computes in one natively, while the losses stay float32;
+# channels_last stores images and convolution weights with the channels innermost, the
+# layout the fast convolution kernels of GPUs and of CPUs alike want.
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def amp_dtype(precision, device):
+    """--precision auto: bf16 where the hardware has it (CUDA compute capability 8 and up,
+    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100: bf16 is slow there),
+    else fp32."""
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    elif precision == "auto":
+        native = (getattr(torch.cpu, f, lambda: False)()
+                  for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        precision = "bf16" if any(native) else "fp32"
+    return PRECISIONS[precision]
+
+
+def autocast(cfg, device):
+    dtype = amp_dtype(cfg.precision, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def grad_scaler(cfg, device):
+    """fp16 needs its loss scaled against underflowing gradients; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type,
+                                enabled=amp_dtype(cfg.precision, device) == torch.float16)
+
+
 def make_optimizer(model, cfg, steps_per_epoch):
-    """Adam (the reference) or SGD, with a constant or warm-up + cosine learning rate."""
+    """Adam (the authors' CIFAR recipe) or SGD, with a constant or warm-up + cosine
+    learning rate (stepped every step, as their CIFAR code does)."""
     sgd = functools.partial(torch.optim.SGD, momentum=0.9)
     opt = (torch.optim.Adam if cfg.optimizer == "adam" else sgd)(   # fused: no host sync
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,  # in fp16's loss scaling
@@ -590,7 +597,23 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
+@dataclass
+class RunState:
+    """What the epoch loop, the checkpoint and the evaluation share: one object, not ten
+    arguments passed down together."""
+    model: nn.Module                # the encoder: evaluation, checkpoints, figures
+    net: nn.Module                  # what training calls: the encoder, or its DDP/compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data: Data
+    aug: functools.partial          # augment() with this run's statistics
+    metrics: dict                   # the record: metrics.json
+    log: object                     # print(), and the same line into train.log
+    clock: float = 0.0              # time.time() at the start of the whole run
+
+
+def train_epoch(s, cfg, epoch):
     """One pass over the training images in a fresh random order; returns the epoch's row.
 
     Losses stay on the device, one row per step; the host reads them once per log
@@ -598,6 +621,7 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
     draws the same order and trains on its own slice of each global batch.
     """
     rank, world = rank_and_world()
+    data = s.data
     N, B, dev = len(data.train_x), cfg.batch_size, data.train_x.device
     b, steps = B // world, N // B                       # the last partial batch is dropped
     # The order is drawn on the CPU: a GPU's randperm depends on the GPU model for large N.
@@ -608,9 +632,9 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
     last_line = t0
     for step in range(steps):
         first = step * B + rank * b                     # consecutive images: random groups
-        losses[step] = train_step(model, optimizer, scaler, data.train_x[order[first:first + b]],
-                                  cfg, generator, aug)
-        scheduler.step()
+        losses[step] = train_step(s.net, s.optimizer, s.scaler,
+                                  data.train_x[order[first:first + b]], cfg, generator, s.aug)
+        s.scheduler.step()
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
         seen = losses[read:step + 1].clone()
@@ -643,7 +667,7 @@ def train_epoch(model, optimizer, scheduler, scaler, data, cfg, epoch, aug):
     if cfg.method != "care":
         terms["equivariance"] = None
     return {"epoch": epoch, **terms, "knn_top1": None, "images_per_s": steps * B / seconds,
-            "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
+            "seconds": seconds, "lr": s.scheduler.get_last_lr()[0]}
 
 
 def atomic_save(obj, path):
@@ -661,31 +685,46 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, what="--resume"):
+    """A checkpoint.pt as plain tensors and Python values (weights_only: no pickled code)."""
     if not os.path.isfile(path):
-        raise CareError(f"--resume {path}: no such file")
+        raise CareError(f"{what} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CareError(f"--resume {path}: cannot read it as a checkpoint "
+        raise CareError(f"{what} {path}: cannot read it as a checkpoint "
                         f"({_first_line(e)[:200]})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "epoch", "metrics"} <= ckpt.keys():
-        raise CareError(f"--resume {path}: not a care.py checkpoint")
+        raise CareError(f"{what} {path}: not a care.py checkpoint")
     return ckpt
 
 
-def restore(ckpt, model, optimizer, scheduler, scaler):
+def load_encoder(path):
+    """The trained encoder of a checkpoint, for your own code: an Encoder in eval mode on
+    the CPU. encoder(x) gives (h, z) for images in [0, 1] normalised with encoder.mean
+    and encoder.std (the run's channel statistics; None in checkpoints older than them);
+    encoder.backbone alone is the torchvision ResNet, h = encoder.backbone(x)."""
+    ckpt = load_checkpoint(path, "load_encoder:")
+    c = ckpt["config"]
+    encoder = Encoder(c["arch"], c["feature_dim"], c["stem"])
+    encoder.load_state_dict(ckpt["model"])
+    encoder.mean, encoder.std = (ckpt["metrics"].get(k) for k in ("data_mean", "data_std"))
+    return encoder.eval()
+
+
+def restore(ckpt, s):
     """Load weights, optimizer, scheduler and loss-scaler state. The random streams need
     nothing: they are seeded by (seed, epoch)."""
+    optimizer = s.optimizer
     try:
-        model.load_state_dict(ckpt["model"])
+        s.model.load_state_dict(ckpt["model"])
         # The optimizer's kernel (fused on CUDA, not on a CPU) belongs to this machine;
         # load_state_dict would take it from the checkpoint's groups (a CPU run's on a GPU).
         for mine, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
             saved.update(fused=mine["fused"], foreach=mine["foreach"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
+        s.scheduler.load_state_dict(ckpt["scheduler"])
+        s.scaler.load_state_dict(ckpt.get("scaler") or s.scaler.state_dict())
     except (RuntimeError, ValueError, KeyError) as e:
         raise CareError(f"--resume: the checkpoint does not fit this model "
                         f"({_first_line(e)[:160]})") from None
@@ -777,50 +816,50 @@ def run(cfg, ckpt=None):
                         f"--batch-size {cfg.batch_size}")
     log(f"data: {len(data.train_x)} train / {len(data.test_x)} test images, "
         f"{len(data.classes)} classes, loaded in {time.time() - t:.1f}s")
-    model, train_model = build_model(cfg, device)
+    model, net = build_model(cfg, device)
     optimizer, scheduler = make_optimizer(model, cfg, len(data.train_x) // cfg.batch_size)
-    scaler = grad_scaler(cfg, device)
     metrics = {"config": vars(cfg), "device": device_name(device), "world_size": world,
-               "precision": precision, "wall_time_s": 0.0, "linear_top1": None, "epochs": []}
+               "precision": precision, "data_mean": data.mean, "data_std": data.std,
+               "wall_time_s": 0.0, "linear_top1": None, "epochs": []}
+    s = RunState(model, net, optimizer, scheduler, grad_scaler(cfg, device), data,
+                 augmenter(cfg, data.mean, data.std), metrics, log)
     if ckpt is not None:
-        restore(ckpt, model, optimizer, scheduler, scaler)
+        restore(ckpt, s)
         metrics["wall_time_s"] = ckpt["metrics"]["wall_time_s"]
         metrics["epochs"] = [r for r in ckpt["metrics"]["epochs"] if r["epoch"] <= ckpt["epoch"]]
         log(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
-    clock = time.time() - metrics["wall_time_s"]        # wall time of the whole run
-    aug, feats = augmenter(cfg, data.mean, data.std), None
-    if not cfg.eval_only:
-        feats = train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug,
-                      metrics, log, clock)
-    return evaluate_run(cfg, model, data, aug, metrics, feats, log, clock) if rank == 0 else None
+    s.clock = time.time() - metrics["wall_time_s"]      # wall time of the whole run
+    feats = None if cfg.eval_only else train(cfg, s)
+    return evaluate_run(cfg, s, feats) if rank == 0 else None
 
 
-def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metrics, log, clock):
-    """The epoch loop: train, monitor kNN, save; Ctrl-C keeps the last finished epoch."""
+def train(cfg, s):
+    """The epoch loop: train, monitor, save; Ctrl-C keeps the last finished epoch."""
     rank, world = rank_and_world()
+    model, metrics, log = s.model, s.metrics, s.log
     ckpt_path, metrics_path = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
     log(HEADER)
     for row in metrics["epochs"]:                       # the story so far, when resuming
         log(table_row(row))
     start, feats = metrics["epochs"][-1]["epoch"] + 1 if metrics["epochs"] else 1, None
     if start == 1 and rank == 0:                        # epoch 0: the untrained encoder
-        feats, measured = monitor(model, data, aug, cfg)
+        feats, measured = monitor(s, cfg)
         metrics["epochs"].append({"epoch": 0, **dict.fromkeys(TERMS), "images_per_s": None,
                                   "seconds": None, **measured})
         log(table_row(metrics["epochs"][0]))
     saved = epoch = start - 1
     try:
         for epoch in range(start, cfg.epochs + 1):
-            row = train_epoch(train_model, optimizer, scheduler, scaler, data, cfg, epoch, aug)
+            row = train_epoch(s, cfg, epoch)
             if rank == 0:                               # the others wait at the barrier
                 feats = None
                 if epoch % cfg.knn_every == 0 or epoch == cfg.epochs:
-                    feats, measured = monitor(model, data, aug, cfg)
+                    feats, measured = monitor(s, cfg)
                     row.update(measured)
                 metrics["epochs"].append(row)
-                metrics["wall_time_s"] = time.time() - clock
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                metrics["wall_time_s"] = time.time() - s.clock
+                atomic_save({"model": model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                             "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
                              "epoch": epoch, "config": vars(cfg), "metrics": metrics}, ckpt_path)
                 saved = epoch
                 atomic_save(metrics, metrics_path)
@@ -842,16 +881,17 @@ def train(cfg, model, train_model, optimizer, scheduler, scaler, data, aug, metr
     return feats
 
 
-def monitor(model, data, aug, cfg):
+def monitor(s, cfg):
     """What an epoch's row records of the encoder: kNN top-1 and, more cheaply than at the
     end (2 augmentation pairs, no per-family fit), the geometry. Returns the features too."""
-    feats = features(model, data)
+    feats = features(s.model, s.data)
     return feats, {"knn_top1": knn_top1(*feats, k=cfg.knn_k),
-                   **geometry_diagnostics(model, data, aug, n_pairs=2, full=False)}
+                   **geometry_diagnostics(s.model, s.data, s.aug, n_pairs=2, full=False)}
 
 
-def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
+def evaluate_run(cfg, s, feats):
     """Process 0, after training: linear probe(s) and geometry; the record and figures."""
+    model, data, metrics, log = s.model, s.data, s.metrics, s.log
     feats = feats or features(model, data)
     t = time.time()
     metrics["linear_top1"] = linear_probe(*feats, epochs=cfg.probe_epochs, seed=cfg.seed)
@@ -859,10 +899,10 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
         f"({cfg.probe_epochs} epochs on frozen features, {time.time() - t:.1f}s)")
     if cfg.linear_eval == "reference":
         t = time.time()
-        metrics["linear_top1_reference"] = reference_linear_eval(model, data, aug, cfg)
+        metrics["linear_top1_reference"] = reference_linear_eval(model, data, s.aug, cfg)
         log(f"reference linear evaluation top-1: {metrics['linear_top1_reference']:.2f}% "
             f"({cfg.probe_epochs} epochs on freshly augmented images, {time.time() - t:.1f}s)")
-    metrics["diagnostics"] = d = geometry_diagnostics(model, data, aug)
+    metrics["diagnostics"] = d = geometry_diagnostics(model, data, s.aug)
     hue = lambda key: "  ".join(f"{k}: {v:.3f}" for k, v in d[key].items())
     log(f"geometry on {d['images']} test images x {d['pairs']} augmentation pairs: gram error "
         f"{d['gram_error']:.4f}, best rotation turns {d['rotation_angle_deg']:.1f} degrees\n"
@@ -872,7 +912,7 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
         f"  colour probe top-1 (chance {100 / HUE_TURNS:.0f}%): h {d['colour_probe_top1']:.2f}%, "
         f"z {d['colour_probe_top1_z']:.2f}%\n  one family at a time, rotation residual: "
         + ", ".join(f"{f} {v['procrustes_residual']:.3f}" for f, v in d["by_family"].items()))
-    metrics["wall_time_s"] = time.time() - clock
+    metrics["wall_time_s"] = time.time() - s.clock
     metrics_path = os.path.join(cfg.out, "metrics.json")
     atomic_save(metrics, metrics_path)
     draw_run(metrics, cfg.out)
@@ -880,99 +920,8 @@ def evaluate_run(cfg, model, data, aug, metrics, feats, log, clock):
     return metrics
 
 
-def benchmark(cfg):
-    """--benchmark: time full training steps against bare network steps and plain steps.
-
-    bare: the network alone (forward and backward on ready views, a trivial loss, the same
-    optimizer and speed settings); full / bare is what augmentation, losses and bookkeeping
-    add. plain: the CARE step without the speed settings (one forward pass for all views,
-    fp32, contiguous, eager); plain / full is what they buy.
-    """
-    device = setup(cfg)
-    B, S = cfg.batch_size, cfg.image_size
-    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    aug = augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
-
-    def parts(**change):                        # a fresh network, optimizer and loss scaler
-        c = argparse.Namespace(**{**vars(cfg), **change})
-        model, net = build_model(c, device)
-        return c, net, make_optimizer(model, c, 1)[0], grad_scaler(c, device)
-
-    def stepper(one_pass=False, **change):
-        c, net, opt, scaler = parts(**change)
-        return lambda: train_step(net, opt, scaler, images, c, g, aug, one_pass)
-
-    _, net, opt, scaler = parts()
-    n_views = 4 if cfg.method == "care" else 2
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    views = [aug(images.float() / 255, 1 if i < 2 else cfg.group_size, g).contiguous(
-        memory_format=layout) for i in range(n_views)]
-
-    def bare():
-        with autocast(cfg, device):
-            loss = sum(net(v)[1].float().mean() for v in views)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    kinds = {"care": stepper(method="care"), "simclr": stepper(method="simclr"), "bare": bare,
-             "plain": stepper(True, method="care", precision="fp32", channels_last=False,
-                              compile=False)}
-    med = time_steps(kinds, device, cfg.bench_warmup, cfg.bench_steps)
-    result = {**{f"{k}_step_s": t for k, t in med.items()},
-              "overhead_ratio": med[cfg.method] / med["bare"],
-              "care_simclr_ratio": med["care"] / med["simclr"],
-              "speedup_vs_plain": med["plain"] / med["care"],
-              "images_per_s": B / med[cfg.method], "device": device_name(device),
-              "precision": str(amp_dtype(cfg.precision, device)).removeprefix("torch."),
-              "host_syncs": count_host_syncs(kinds["care"]) if device.type == "cuda" else None,
-              "config": vars(cfg)}
-    path = os.path.join(cfg.out, "benchmark.json")
-    os.makedirs(cfg.out, exist_ok=True)
-    atomic_save(result, path)
-    times = " | ".join(f"{k} step {t * 1e3:.1f} ms" for k, t in med.items())
-    syncs = f" | host syncs in a step: {result['host_syncs']}" if device.type == "cuda" else ""
-    print(f"benchmark: {cfg.arch}, batch {B} x {S}px, {result['device']}, {result['precision']}, "
-          f"{'channels_last' if cfg.channels_last else 'contiguous'}, "
-          f"{'compiled' if cfg.compile else 'eager'}; median of {cfg.bench_steps} steps after "
-          f"{cfg.bench_warmup} warm-up\n  {times}\n  overhead ratio {result['overhead_ratio']:.3f}"
-          f" | CARE / SimCLR step {result['care_simclr_ratio']:.2f} | speedup vs plain "
-          f"{result['speedup_vs_plain']:.2f} | {result['images_per_s']:.0f} images/s{syncs}"
-          f" -> {path}")
-    return result
-
-
-def time_steps(kinds, device, warmup, steps):
-    """Median seconds per step of each kind, the kinds interleaved: equal conditions."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {k: [] for k in kinds}
-    for i in range(warmup + steps):
-        for kind, step in kinds.items():
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
-def count_host_syncs(step):
-    """Run one step with CUDA's sync debug mode on; count the host syncs it reports."""
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in seen)
-
-
 # =====================================================================================
-# 5. Evaluation (in float32, on process 0)
+# 5. Evaluation (float32, process 0): kNN monitor, linear probe [machinery: a student may skip it]
 # =====================================================================================
 @torch.no_grad()
 def embed(model, images, transform, batch_size=None):
@@ -1028,7 +977,7 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, l
 
 
 def reference_linear_eval(model, data, aug, cfg):
-    """--linear-eval reference, the authors' protocol: the linear layer trained with Adam
+    """--linear-eval reference, the authors' CIFAR protocol: the linear layer trained with Adam
     1e-3, weight decay 1e-6, batch 512, on the frozen backbone applied to freshly augmented
     training images every epoch (one backbone pass over the split per epoch); tested on
     un-augmented images. (Their backbone stays in train mode; here it is frozen in eval
@@ -1066,7 +1015,9 @@ def fit_linear(epoch_features, train_y, test_h, test_y, epochs, batch_size, lr, 
         return 100 * (clf(test_h).argmax(1) == test_y).float().mean().item()
 
 
-# Geometry diagnostics: does an augmentation act on the embedding as a rotation?
+# =====================================================================================
+# 5b. Geometry diagnostics: the paper's claims, measured on held-out images   [the method]
+# =====================================================================================
 # K fixed augmentation pairs (a, a'), each applied to the same N test images, give
 # Z = z(a x) and Z' = z(a' x). CARE's loss says Z Z^T = Z' Z'^T, i.e. Z' = Z R^T for an
 # orthogonal R. We measure how far that holds, against two reference maps: the identity
@@ -1178,23 +1129,12 @@ def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0, full
 
 
 # =====================================================================================
-# 6. Plots (matplotlib, headless): one run, or groups of runs that differ only by seed
+# 6. Plots (matplotlib) from the records in metrics.json         [machinery: a student may skip it]
 # =====================================================================================
 def _stats(values):
     """(mean, standard deviation) of the numbers among values; (None, None) if none."""
     v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
     return (None, None) if not len(v) else (v.mean().item(), v.std().item() if len(v) > 1 else 0.0)
-
-
-def summary(m):
-    """The numbers a reader compares between runs, from one metrics.json."""
-    d = m.get("diagnostics") or {}
-    knn = [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
-    return {"kNN %": knn[-1] if knn else None, "linear %": m.get("linear_top1"),
-            "Gram err": d.get("gram_error"), "Procrustes": d.get("procrustes_residual"),
-            "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": _value(d, ("hue_cosine", "0.5")),
-            "hue z 0.5": _value(d, ("hue_cosine_z", "0.5")),
-            "colour h %": d.get("colour_probe_top1"), "wall min": m["wall_time_s"] / 60}
 
 
 def _value(record, key):
@@ -1253,33 +1193,35 @@ def _gram_matrices(ax, groups):
         return ax.axis("off")
     G, G2 = torch.tensor(d["G"]), torch.tensor(d["G_prime"])
     n, gap = len(G), torch.full((len(G), 1), float("nan"))
-    ax.imshow(torch.cat([G, gap, G2, gap, (G - G2).abs()], 1).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.imshow(torch.cat([G, gap, G2, gap, (G - G2).abs()], 1).numpy(), cmap="RdBu_r", vmin=-1,
+              vmax=1)
     ax.set_xticks([(n - 1) / 2, 1.5 * n, 2.5 * n + 1], ["G = Z Z^T", "G' = Z' Z'^T", "|G - G'|"])
     ax.set(yticks=[], title=f"{n} test images, Z = z(a x), Z' = z(a' x) (-1 blue, +1 red)\n"
            f"mean off-diagonal (G - G')^2: {((G - G2).square().sum() / (n * (n - 1))).item():.4f}")
 
 
-_family = lambda k: lambda f: ("by_family", f, k)
+def _curves(title, *keys):
+    return functools.partial(_curve, keys=keys, title=title)
+
+
+_residual = lambda k: lambda family: ("by_family", family, f"{k}_residual")
 PANELS = {
-    **{k: functools.partial(_curve, keys=[k], title=f"{k} (training)") for k in TERMS[1:]},
-    "knn": functools.partial(_curve, keys=["knn_top1"], title="kNN top-1 % on the test split"),
-    "gram": functools.partial(_curve, keys=["gram_error"], title="Gram error (test)"),
-    "procrustes": functools.partial(_curve, keys=["procrustes_residual", "identity_residual"],
-                                    title="unexplained share of z(a'x):\nrotation (solid), "
-                                          "identity (dashed)"),
-    "angle": functools.partial(_curve, keys=["rotation_angle_deg"], title="rotation (degrees)"),
-    **{f"hue{s}": functools.partial(_curve, keys=[(f"hue_cosine{s}", t) for t in ("0.1", "0.5")],
-                                    title=f"hue cosine of {s[1:] or 'h'}: 0.1 turn (solid), 0.5 "
-                                          f"(dashed)") for s in ("", "_z")},
-    "colour": functools.partial(_curve, keys=["colour_probe_top1", "colour_probe_top1_z"],
-                                title=f"colour probe top-1 %: h (solid), z (dashed);\nchance "
-                                      f"{100 / HUE_TURNS:.0f}%"),
+    **{k: _curves(f"{k} (training)", k) for k in TERMS[1:]},
+    "knn": _curves("kNN top-1 % on the test split", "knn_top1"),
+    "gram": _curves("Gram error (test)", "gram_error"),
+    "procrustes": _curves("unexplained share of z(a'x):\nrotation (solid), identity (dashed)",
+                          "procrustes_residual", "identity_residual"),
+    "angle": _curves("rotation (degrees)", "rotation_angle_deg"),
+    **{f"hue{s}": _curves(f"hue cosine of {s[1:] or 'h'}: 0.1 turn (solid), 0.5 (dashed)",
+                          (f"hue_cosine{s}", "0.1"), (f"hue_cosine{s}", "0.5"))
+       for s in ("", "_z")},
+    "colour": _curves(f"colour probe top-1 %: h (solid), z (dashed);\n"
+                      f"chance {100 / HUE_TURNS:.0f}%", "colour_probe_top1", "colour_probe_top1_z"),
     "residuals": functools.partial(
         _bars, names=["identity", "procrustes", "linear"], keys=[lambda n: f"{n}_residual"],
         title="How well z(a x) predicts z(a' x):\nidentity, best rotation, best linear map"),
     "families": functools.partial(
-        _bars, names=list(FAMILIES), keys=[_family("identity_residual"),
-                                           _family("procrustes_residual")],
+        _bars, names=list(FAMILIES), keys=[_residual("identity"), _residual("procrustes")],
         title="a, a' differ in one family only: unexplained\nby identity (light), by a rotation "
               "(dark)"),
     "hue_shifts": _hue_curve, "gram_matrices": _gram_matrices}
@@ -1288,11 +1230,8 @@ PANELS = {
 def plot(groups, path, panels, cols, title):
     """Draw PANELS for groups = [(label, [metrics, ...]), ...], `cols` panels a row. Colours
     name the groups in every panel; the first panel's legend says which is which."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes.flat, panels)):
         PANELS[name](ax, groups)
         if i == 0:                              # the colours name the groups
@@ -1300,9 +1239,21 @@ def plot(groups, path, panels, cols, title):
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def pyplot():
+    import matplotlib                           # headless: no display needed
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def run_title(m):
@@ -1319,6 +1270,20 @@ def draw_run(metrics, out):
          "knn", "gram", "procrustes", "angle", "hue", "hue_z", "colour"], 5, title)
     plot(groups, os.path.join(out, "geometry.png"),
          ["residuals", "hue_shifts", "families", "gram_matrices"], 2, title)
+
+
+# =====================================================================================
+# 7. Other modes: --compare, --augmentations, --benchmark       [machinery: a student may skip it]
+# =====================================================================================
+def summary(m):
+    """The numbers a reader compares between runs, from one metrics.json."""
+    d = m.get("diagnostics") or {}
+    knn = [r["knn_top1"] for r in m["epochs"] if r.get("knn_top1") is not None]
+    return {"kNN %": knn[-1] if knn else None, "linear %": m.get("linear_top1"),
+            "Gram err": d.get("gram_error"), "Procrustes": d.get("procrustes_residual"),
+            "rot deg": d.get("rotation_angle_deg"), "hue h 0.5": _value(d, ("hue_cosine", "0.5")),
+            "hue z 0.5": _value(d, ("hue_cosine_z", "0.5")),
+            "colour h %": d.get("colour_probe_top1"), "wall min": m["wall_time_s"] / 60}
 
 
 # Settings that tell runs apart in --compare (the seed does not: runs that differ only by
@@ -1350,7 +1315,6 @@ def compare(dirs, out):
                                       if k != "lam" or c["method"] == "care")
         groups.setdefault(label, []).append(m)
     groups = list(groups.items())
-    os.makedirs(out, exist_ok=True)
     plot(groups, os.path.join(out, "compare.png"),
          ["knn", "info_nce", "alignment", "uniformity", "equivariance", "gram", "procrustes",
           "angle", "hue", "hue_z", "colour", "residuals", "families", "hue_shifts"], 5,
@@ -1366,9 +1330,6 @@ def compare(dirs, out):
 def draw_augmentations(cfg):
     """--augmentations: x, t x, t' x (per-image views) and a x, a' x (group-shared views)
     for two groups of four test images, into --out/augmentations.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     data = load_data(cfg.dataset, cfg.data_root, cfg.image_size)
     g = torch.Generator().manual_seed(cfg.seed)
     x = data.test_x[torch.randperm(len(data.test_x), generator=g)[:8]].float() / 255
@@ -1378,7 +1339,7 @@ def draw_augmentations(cfg):
                        for name, n in (("t x", 1), ("t' x", 1), ("a x", 4), ("a' x", 4))}}
     gap = torch.ones(1, *x.shape[1:])                           # a white tile between groups
     tiles = torch.cat([torch.cat([v[:4], gap, v[4:]]) for v in rows.values()]).clamp(0, 1)
-    fig, ax = plt.subplots(figsize=(9, 5.6))
+    fig, ax = pyplot().subplots(figsize=(9, 5.6))
     grid = torchvision.utils.make_grid(tiles, nrow=9, padding=1, pad_value=1)
     ax.imshow(grid.permute(1, 2, 0).numpy())
     ax.set_xticks([2 * S, 7 * S], ["group 1", "group 2"])
@@ -1387,15 +1348,87 @@ def draw_augmentations(cfg):
     ax.spines[:].set_visible(False)
     fig.suptitle("t, t': drawn per image (InfoNCE)    a, a': drawn once per group of 4 "
                  "(equivariance loss)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(cfg.out, exist_ok=True)
-    fig.savefig(os.path.join(cfg.out, "augmentations.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(cfg.out, "augmentations.png"))
     print(f"figure: {os.path.join(cfg.out, 'augmentations.png')}")
 
 
+def benchmark(cfg):
+    """--benchmark: time the training step against itself without augmentation, and with
+    the speed settings off.
+
+    bare: the same step on ready-made views (augmentation skipped), so step / bare is what
+    the batched augmentation adds; fp32: the same step with --precision fp32
+    --no-channels-last --no-compile, so fp32 / step is what the speed settings buy here.
+    """
+    device = setup(cfg)
+    B, S = cfg.batch_size, cfg.image_size
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    aug = augmenter(cfg, CIFAR10_MEAN, CIFAR10_STD)
+    ready = aug(images.float() / 255, 1, g)
+
+    def stepper(views=aug, **change):           # a fresh network, optimizer and loss scaler
+        c = argparse.Namespace(**{**vars(cfg), **change})
+        model, net = build_model(c, device)
+        opt, scaler = make_optimizer(model, c, 1)[0], grad_scaler(c, device)
+        return lambda: train_step(net, opt, scaler, images, c, g, views)
+
+    kinds = {"care": stepper(method="care"), "simclr": stepper(method="simclr"),
+             "bare": stepper(lambda x, n, generator: ready),
+             "fp32": stepper(precision="fp32", channels_last=False, compile=False)}
+    med = time_steps(kinds, device, cfg.bench_warmup, cfg.bench_steps)
+    result = {**{f"{k}_step_s": t for k, t in med.items()},
+              "overhead_ratio": med[cfg.method] / med["bare"],
+              "care_simclr_ratio": med["care"] / med["simclr"],
+              "speedup_vs_fp32": med["fp32"] / med[cfg.method],
+              "images_per_s": B / med[cfg.method], "device": device_name(device),
+              "precision": str(amp_dtype(cfg.precision, device)).removeprefix("torch."),
+              "host_syncs": count_host_syncs(kinds["care"]) if device.type == "cuda" else None,
+              "config": vars(cfg)}
+    path = os.path.join(cfg.out, "benchmark.json")
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_save(result, path)
+    times = " | ".join(f"{k} step {t * 1e3:.1f} ms" for k, t in med.items())
+    syncs = f" | host syncs in a step: {result['host_syncs']}" if device.type == "cuda" else ""
+    print(f"benchmark: {cfg.arch}, batch {B} x {S}px, {result['device']}, {result['precision']}, "
+          f"{'channels_last' if cfg.channels_last else 'contiguous'}, "
+          f"{'compiled' if cfg.compile else 'eager'}; median of {cfg.bench_steps} steps after "
+          f"{cfg.bench_warmup} warm-up\n  {times}\n  overhead ratio {result['overhead_ratio']:.3f}"
+          f" | CARE / SimCLR step {result['care_simclr_ratio']:.2f} | speedup vs fp32 "
+          f"{result['speedup_vs_fp32']:.2f} | {result['images_per_s']:.0f} images/s{syncs}"
+          f" -> {path}")
+    return result
+
+
+def time_steps(kinds, device, warmup, steps):
+    """Median seconds per step of each kind, the kinds interleaved: equal conditions."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in kinds}
+    for i in range(warmup + steps):
+        for kind, step in kinds.items():
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            if i >= warmup:
+                times[kind].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def count_host_syncs(step):
+    """Run one step with CUDA's sync debug mode on; count the host syncs it reports."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
 # =====================================================================================
-# 7. Command line
+# 8. Command line: flags, recipes by dataset, checks, errors    [machinery: a student may skip it]
 # =====================================================================================
 # The reference recipe of each dataset (the authors' scripts; ../shared/METHOD.md). A flag
 # the user does not type takes its dataset's value; typed flags win.

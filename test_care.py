@@ -486,6 +486,24 @@ def test_end_to_end_care_run_writes_the_record(tiny_folder, tmp_path):
     assert "linear probe top-1" in (tmp_path / "care" / "train.log").read_text()
 
 
+def test_load_encoder_gives_the_runs_own_features(tiny_folder, tmp_path):
+    care.main(tiny_args(tiny_folder, tmp_path / "run", "--epochs", "1"))
+    last = read_json(tmp_path / "run" / "metrics.json")["epochs"][-1]
+    encoder = care.load_encoder(str(tmp_path / "run" / "checkpoint.pt"))
+    assert not encoder.training and next(encoder.parameters()).device.type == "cpu"
+    data = care.load_data("folder", str(tiny_folder), 8)
+    assert tuple(encoder.mean) == data.mean and tuple(encoder.std) == data.std
+    x = care.normalize(data.test_x.float() / 255, encoder.mean, encoder.std)   # the README's way
+    with torch.no_grad():
+        h = encoder.backbone(x)
+    train_h, train_y, test_h, test_y = care.features(encoder, data)
+    assert torch.allclose(h, test_h, atol=1e-5)
+    assert care.knn_top1(train_h, train_y, h, test_y) == last["knn_top1"]      # as recorded
+    aug = care.functools.partial(care.augment, mean=data.mean, std=data.std)
+    geometry = care.geometry_diagnostics(encoder, data, aug, n_pairs=2, full=False)
+    assert geometry["gram_error"] == pytest.approx(last["gram_error"], rel=1e-6)   # z too
+
+
 def test_uniformity_run_records_both_halves_and_reference_linear_eval(tiny_folder, tmp_path):
     m = care.main(tiny_args(tiny_folder, tmp_path / "u", "--epochs", "1", "--contrastive",
                             "uniformity", "--linear-eval", "reference", "--probe-epochs", "2"))
@@ -692,17 +710,27 @@ def test_gram_error_zero_for_rotation_and_hue_shift_zero_is_identity():
 
 
 # ----------------------------------------------------------------------------- speed
-def test_benchmark_writes_consistent_json(tmp_path):
+def test_benchmark_writes_consistent_json(tmp_path, monkeypatch):
+    seen, step = set(), care.train_step                 # what each timed kind ran
+
+    def recording(model, optimizer, scaler, images, cfg, generator, aug):
+        seen.add((cfg.method, cfg.precision, cfg.channels_last, cfg.compile,
+                  isinstance(aug, care.functools.partial)))
+        return step(model, optimizer, scaler, images, cfg, generator, aug)
+    monkeypatch.setattr(care, "train_step", recording)
     r = care.main(["--benchmark", "--device", "cpu", "--batch-size", "8", "--group-size", "4",
                    "--image-size", "8", "--bench-steps", "2", "--bench-warmup", "1",
-                   "--out", str(tmp_path)])
+                   "--precision", "bf16", "--out", str(tmp_path)])
+    assert seen == {("care", "bf16", True, False, True), ("simclr", "bf16", True, False, True),
+                    ("care", "bf16", True, False, False),           # bare: ready-made views
+                    ("care", "fp32", False, False, True)}           # fp32: speed settings off
     j = read_json(tmp_path / "benchmark.json")
     assert j["care_step_s"] == r["care_step_s"]
     assert j["overhead_ratio"] == pytest.approx(j["care_step_s"] / j["bare_step_s"])
     assert j["care_simclr_ratio"] == pytest.approx(j["care_step_s"] / j["simclr_step_s"])
     assert j["images_per_s"] == pytest.approx(8 / j["care_step_s"])
-    assert j["speedup_vs_plain"] == pytest.approx(j["plain_step_s"] / j["care_step_s"])
-    assert j["host_syncs"] is None and j["precision"] in ("bfloat16", "float32")
+    assert j["speedup_vs_fp32"] == pytest.approx(j["fp32_step_s"] / j["care_step_s"])
+    assert j["host_syncs"] is None and j["precision"] == "bfloat16"
     assert min(j["care_step_s"], j["bare_step_s"], j["simclr_step_s"]) > 0
     assert j["device"].startswith("cpu") and j["config"]["batch_size"] == 8
 
@@ -888,7 +916,8 @@ def test_restore_gives_adam_moments_the_parameters_memory_layout(tiny_folder, tm
     cfg = cfg_for(channels_last=True, group_size=4)
     model, _ = care.build_model(cfg, torch.device("cpu"))
     opt, sched = care.make_optimizer(model, cfg, 4)
-    care.restore(ckpt, model, opt, sched, care.grad_scaler(cfg, torch.device("cpu")))
+    care.restore(ckpt, care.RunState(model, model, opt, sched,
+                                     care.grad_scaler(cfg, torch.device("cpu")), None, None, {}, print))
     w = model.backbone.layer1[0].conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
     assert opt.state[w]["exp_avg"].stride() == opt.state[w]["exp_avg_sq"].stride() == w.stride()
@@ -904,7 +933,8 @@ def test_restore_keeps_this_machines_fused_optimizer(tiny_folder, tmp_path):
     model, _ = care.build_model(cfg, torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    care.restore(ckpt, model, opt, sched, care.grad_scaler(cfg, torch.device("cpu")))
+    care.restore(ckpt, care.RunState(model, model, opt, sched,
+                                     care.grad_scaler(cfg, torch.device("cpu")), None, None, {}, print))
     assert opt.param_groups[0]["fused"]
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(sum(p.sum() for p in model.parameters())).backward()
