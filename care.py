@@ -52,8 +52,7 @@ import torchvision.transforms.functional as TF
 from torchvision.ops import roi_align
 
 
-# torch marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
-# module; it is still the public all-gather with gradient, which the InfoNCE needs.
+# The public all-gather with gradient (InfoNCE needs it) is marked deprecated: hush that.
 warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
 
 
@@ -67,7 +66,6 @@ class CareError(Exception):
 
 # =====================================================================================
 # 1. Data: each split held whole, as uint8 on the device          [machinery: a student may skip it]
-# =====================================================================================
 # CIFAR-10's 50,000 training images are 150 MB as uint8: they fit on any GPU. Holding
 # them there removes the data loader, its worker processes and the per-image PIL
 # transforms; a batch is an index into a tensor and augmentation runs on the device.
@@ -169,7 +167,6 @@ def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
 
 # -------------------------------------------------------------------------------------
 # 1b. Augmentation: two views, parameters shared within a group                 [the method]
-# -------------------------------------------------------------------------------------
 # The reference CIFAR recipe (SimCLR's): random resized crop, horizontal flip, colour
 # jitter with p=0.8, grayscale with p=0.2, Gaussian blur with p=0.5, normalisation.
 # torchvision's transforms work on one image at a time with Python-side randomness; here
@@ -206,13 +203,11 @@ def adjust_brightness(x, factor):
     return _blend(x, torch.zeros_like(x), factor)
 
 
-def adjust_contrast(x, factor):
-    # Blend towards the image's mean grey level (one scalar per image).
+def adjust_contrast(x, factor):                 # towards its mean grey level (one per image)
     return _blend(x, rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
 
 
-def adjust_saturation(x, factor):
-    # Blend towards the image's own grayscale version.
+def adjust_saturation(x, factor):               # towards its own grayscale version
     return _blend(x, rgb_to_grayscale(x), factor)
 
 
@@ -323,7 +318,6 @@ def augmenter(cfg, mean, std):
 
 # =====================================================================================
 # 2. The encoder: backbone h (evaluation) and projection head g (losses)        [the method]
-# =====================================================================================
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
@@ -359,7 +353,6 @@ class Encoder(nn.Module):
 
 # =====================================================================================
 # 3. The losses: InfoNCE, its two halves, the equivariance loss and why it works [the method]
-# =====================================================================================
 def _similarities(z1, z2, temperature):
     """Logits s_ik / tau over the 2B views, the diagonal removed, and each view's partner."""
     z = torch.cat([z1, z2]).float()
@@ -463,7 +456,6 @@ def equivariance_loss(z1, z2, group_size):
 
 # =====================================================================================
 # 4. Training: one step, its four views and its objective                      [the method]
-# =====================================================================================
 TERMS = ("loss", "info_nce", "alignment", "uniformity", "equivariance")   # one row per step
 
 
@@ -473,17 +465,15 @@ def train_step(model, optimizer, scaler, images, cfg, generator, aug):
     CARE makes four views per image, as the authors' CIFAR code does: two per-image views
     (t x, t' x) for InfoNCE and two group-shared views (a x, a' x) for the equivariance
     loss; SimCLR only the first two. Each view set has its own forward pass, as in their
-    code, so BatchNorm's batch statistics are per view set (see (5) above; their 2-GPU
-    DataParallel halves each set); on a CPU four passes of B images are also faster than
-    one of 4B.
-    """
+    code, so BatchNorm's statistics are per view set: see (5) above, and README, Speed."""
     x = images.float().div_(255)
     views = [aug(x, 1, generator) for _ in range(2)]
     if cfg.method == "care":
         shared = cfg.group_size if cfg.pair_per == "group" else len(x)
         views += [aug(x, shared, generator) for _ in range(2)]
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    with autocast(cfg, x.device):
+    dtype = amp_dtype(cfg.precision, x.device)          # the encoder's; the losses stay fp32
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         z = [model(v.contiguous(memory_format=layout))[1] for v in views]
     terms = objective(z, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -520,18 +510,14 @@ def objective(z, cfg):
 
 # =====================================================================================
 # 4b. The run: epochs, checkpoints, progress, resume, torchrun  [machinery: a student may skip it]
-# =====================================================================================
-# Speed settings, chosen per run (README, Speed): mixed precision runs the encoder in a
-# 16-bit float where the hardware computes in one natively, while the losses stay float32;
-# channels_last stores images and convolution weights with the channels innermost, the
-# layout the fast convolution kernels of GPUs and of CPUs alike want.
+# Speed settings (README, Speed): the encoder in a 16-bit float where the hardware has one
+# natively (the losses stay float32), and channels_last, the layout fast convolutions want.
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def amp_dtype(precision, device):
-    """--precision auto: bf16 where the hardware has it (CUDA compute capability 8 and up,
-    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100: bf16 is slow there),
-    else fp32."""
+    """--precision auto: bf16 where the hardware has it (CUDA compute capability 8+, CPUs
+    with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100: slow bf16), else fp32."""
     if precision == "auto" and device.type == "cuda":
         precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     elif precision == "auto":
@@ -539,11 +525,6 @@ def amp_dtype(precision, device):
                   for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         precision = "bf16" if any(native) else "fp32"
     return PRECISIONS[precision]
-
-
-def autocast(cfg, device):
-    dtype = amp_dtype(cfg.precision, device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def grad_scaler(cfg, device):
@@ -571,9 +552,7 @@ def make_optimizer(model, cfg, steps_per_epoch):
 
 
 def build_model(cfg, device):
-    """The encoder, and the module training calls: the same encoder, under torchrun
-    wrapped in DistributedDataParallel and with --compile compiled. Evaluation, the
-    checkpoint and the figures use the plain encoder."""
+    """The encoder, and what training calls: it wrapped in DDP (torchrun), compiled (--compile)."""
     model = Encoder(cfg.arch, cfg.feature_dim, cfg.stem).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -599,8 +578,7 @@ def rank_and_world():
 
 @dataclass
 class RunState:
-    """What the epoch loop, the checkpoint and the evaluation share: one object, not ten
-    arguments passed down together."""
+    """What the epoch loop, the checkpoint and the evaluation share."""
     model: nn.Module                # the encoder: evaluation, checkpoints, figures
     net: nn.Module                  # what training calls: the encoder, or its DDP/compiled wrapper
     optimizer: torch.optim.Optimizer
@@ -621,8 +599,7 @@ def train_epoch(s, cfg, epoch):
     draws the same order and trains on its own slice of each global batch.
     """
     rank, world = rank_and_world()
-    data = s.data
-    N, B, dev = len(data.train_x), cfg.batch_size, data.train_x.device
+    N, B, dev = len(s.data.train_x), cfg.batch_size, s.data.train_x.device
     b, steps = B // world, N // B                       # the last partial batch is dropped
     # The order is drawn on the CPU: a GPU's randperm depends on the GPU model for large N.
     order = torch.randperm(N, generator=random_stream("cpu", cfg.seed, epoch)).to(dev)
@@ -633,11 +610,11 @@ def train_epoch(s, cfg, epoch):
     for step in range(steps):
         first = step * B + rank * b                     # consecutive images: random groups
         losses[step] = train_step(s.net, s.optimizer, s.scaler,
-                                  data.train_x[order[first:first + b]], cfg, generator, s.aug)
+                                  s.data.train_x[order[first:first + b]], cfg, generator, s.aug)
         s.scheduler.step()
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
-        seen = losses[read:step + 1].clone()
+        seen = losses[read:step + 1]                    # a view: the record gets the means too
         if world > 1:                                   # every process stops, or none
             dist.all_reduce(seen)
             seen /= world
@@ -660,9 +637,6 @@ def train_epoch(s, cfg, epoch):
             last_line = time.time()
     if live:
         print("\r" + " " * 100 + "\r", end="", flush=True)
-    if world > 1:
-        dist.all_reduce(losses)                         # record the means over processes
-        losses /= world
     seconds, terms = time.time() - t0, dict(zip(TERMS, losses.mean(0).tolist()))
     if cfg.method != "care":
         terms["equivariance"] = None
@@ -713,8 +687,7 @@ def load_encoder(path):
 
 
 def restore(ckpt, s):
-    """Load weights, optimizer, scheduler and loss-scaler state. The random streams need
-    nothing: they are seeded by (seed, epoch)."""
+    """Load weights, optimizer, scheduler and loss-scaler state (random streams: none kept)."""
     optimizer = s.optimizer
     try:
         s.model.load_state_dict(ckpt["model"])
@@ -747,11 +720,10 @@ def _hms(s):
 def logger(path, speak=True):
     """print(), and append the same line to the run's log file (only process 0 speaks)."""
     def log(msg=""):
-        if speak:
-            print(msg, flush=True)
-            with open(path, "a") as f:
-                f.write(msg + "\n")
-    return log
+        print(msg, flush=True)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return log if speak else lambda msg="": None
 
 
 def device_name(device):
@@ -838,9 +810,7 @@ def train(cfg, s):
     rank, world = rank_and_world()
     model, metrics, log = s.model, s.metrics, s.log
     ckpt_path, metrics_path = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
-    log(HEADER)
-    for row in metrics["epochs"]:                       # the story so far, when resuming
-        log(table_row(row))
+    log("\n".join([HEADER, *map(table_row, metrics["epochs"])]))  # and, resuming, the rows so far
     start, feats = metrics["epochs"][-1]["epoch"] + 1 if metrics["epochs"] else 1, None
     if start == 1 and rank == 0:                        # epoch 0: the untrained encoder
         feats, measured = monitor(s, cfg)
@@ -882,8 +852,7 @@ def train(cfg, s):
 
 
 def monitor(s, cfg):
-    """What an epoch's row records of the encoder: kNN top-1 and, more cheaply than at the
-    end (2 augmentation pairs, no per-family fit), the geometry. Returns the features too."""
+    """An epoch's kNN top-1 and cheaper geometry (2 pairs, no per-family fit); and the features."""
     feats = features(s.model, s.data)
     return feats, {"knn_top1": knn_top1(*feats, k=cfg.knn_k),
                    **geometry_diagnostics(s.model, s.data, s.aug, n_pairs=2, full=False)}
@@ -899,7 +868,7 @@ def evaluate_run(cfg, s, feats):
         f"({cfg.probe_epochs} epochs on frozen features, {time.time() - t:.1f}s)")
     if cfg.linear_eval == "reference":
         t = time.time()
-        metrics["linear_top1_reference"] = reference_linear_eval(model, data, s.aug, cfg)
+        metrics["linear_top1_reference"] = reference_linear_eval(model, data, s.aug, cfg, feats[2])
         log(f"reference linear evaluation top-1: {metrics['linear_top1_reference']:.2f}% "
             f"({cfg.probe_epochs} epochs on freshly augmented images, {time.time() - t:.1f}s)")
     metrics["diagnostics"] = d = geometry_diagnostics(model, data, s.aug)
@@ -915,19 +884,22 @@ def evaluate_run(cfg, s, feats):
     metrics["wall_time_s"] = time.time() - s.clock
     metrics_path = os.path.join(cfg.out, "metrics.json")
     atomic_save(metrics, metrics_path)
-    draw_run(metrics, cfg.out)
+    method = cfg.method.upper()
+    groups, title = [(method, [metrics])], f"{method} | {run_title(metrics)}"
+    plot(groups, os.path.join(cfg.out, "curves.png"), ["alignment", "uniformity", "equivariance",
+         "knn", "gram", "procrustes", "angle", "hue", "hue_z", "colour"], 5, title)
+    plot(groups, os.path.join(cfg.out, "geometry.png"),
+         ["residuals", "hue_shifts", "families", "gram_matrices"], 2, title)
     log(f"done in {_hms(metrics['wall_time_s'])}: {metrics_path}, curves.png, geometry.png")
     return metrics
 
 
 # =====================================================================================
 # 5. Evaluation (float32, process 0): kNN monitor, linear probe [machinery: a student may skip it]
-# =====================================================================================
 @torch.no_grad()
 def embed(model, images, transform, batch_size=None):
-    """Backbone features h and projections z of uint8 images, each batch mapped to the
-    encoder's input by `transform` (normalise, or augment). Default batch: as many pixels
-    as 1024 images of 32x32 (20 at 224 px), whatever the size."""
+    """Backbone features h and projections z of uint8 images, each batch mapped to the encoder's
+    input by `transform` (normalise, or augment). Default batch: the pixels of 1024 32x32 images."""
     batch_size = batch_size or max(16, 2**20 // images[0, 0].numel())
     was_training = model.training
     model.eval()
@@ -938,10 +910,8 @@ def embed(model, images, transform, batch_size=None):
 
 def labelled(data):
     """The training images that have a label (STL-10's unlabelled split has -1)."""
-    if data.train_y.min() >= 0:                 # no copy of the whole split when all are
-        return data.train_x, data.train_y
-    keep = data.train_y >= 0
-    return data.train_x[keep], data.train_y[keep]
+    keep = data.train_y >= 0                    # all of them: no copy of the whole split
+    return (data.train_x, data.train_y) if keep.all() else (data.train_x[keep], data.train_y[keep])
 
 
 def features(model, data):
@@ -968,24 +938,22 @@ def knn_top1(train_h, train_y, test_h, test_y, k=200, temperature=0.5, chunk=102
 
 
 def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, lr=1e-3, seed=0):
-    """The fast linear evaluation: a linear layer trained with Adam (cosine schedule) on
-    frozen, un-augmented backbone features, extracted once and standardised with the
-    training statistics. Test top-1 in percent."""
+    """The fast linear evaluation, test top-1 %: a linear layer (Adam, cosine schedule) on
+    frozen un-augmented backbone features, extracted once, standardised by the training split."""
     mu, sd = train_h.mean(0), train_h.std(0) + 1e-6
     return fit_linear(lambda: (train_h - mu) / sd, train_y, (test_h - mu) / sd, test_y,
                       epochs, batch_size, lr, 0.0, seed, cosine=True)
 
 
-def reference_linear_eval(model, data, aug, cfg):
-    """--linear-eval reference, the authors' CIFAR protocol: the linear layer trained with Adam
-    1e-3, weight decay 1e-6, batch 512, on the frozen backbone applied to freshly augmented
-    training images every epoch (one backbone pass over the split per epoch); tested on
-    un-augmented images. (Their backbone stays in train mode; here it is frozen in eval
-    mode, BatchNorm included.)"""
+def reference_linear_eval(model, data, aug, cfg, test_h):
+    """--linear-eval reference, the authors' CIFAR protocol: a linear layer (Adam 1e-3, weight
+    decay 1e-6, batch 512) on the frozen backbone applied to freshly augmented training
+    images every epoch, tested on un-augmented ones. (Their backbone stays in train mode;
+    here it is frozen in eval mode, BatchNorm included.)"""
     train_x, train_y = labelled(data)
     g = torch.Generator(train_x.device).manual_seed(cfg.seed)
     fresh = lambda: embed(model, train_x, lambda x: aug(x, 1, g))[0]
-    return fit_linear(fresh, train_y, features(model, data)[2], data.test_y, cfg.probe_epochs,
+    return fit_linear(fresh, train_y, test_h, data.test_y, cfg.probe_epochs,
                       512, 1e-3, 1e-6, cfg.seed, cosine=False)
 
 
@@ -1017,7 +985,6 @@ def fit_linear(epoch_features, train_y, test_h, test_y, epochs, batch_size, lr, 
 
 # =====================================================================================
 # 5b. Geometry diagnostics: the paper's claims, measured on held-out images   [the method]
-# =====================================================================================
 # K fixed augmentation pairs (a, a'), each applied to the same N test images, give
 # Z = z(a x) and Z' = z(a' x). CARE's loss says Z Z^T = Z' Z'^T, i.e. Z' = Z R^T for an
 # orthogonal R. We measure how far that holds, against two reference maps: the identity
@@ -1116,8 +1083,7 @@ def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0, full
     """The rotation fit (pair_fit) and colour_diagnostics on n_images fixed test images;
     full: also the fit per augmentation family and the Gram matrices of one group of 16."""
     g = torch.Generator(data.test_x.device).manual_seed(seed)
-    pick = torch.randperm(len(data.test_x), device=data.test_x.device, generator=g)[:n_images]
-    x = data.test_x[pick]
+    x = data.test_x[torch.randperm(len(data.test_x), device=g.device, generator=g)[:n_images]]
     out = {"images": len(x), "pairs": n_pairs, **pair_fit(model, x, aug, g, n_pairs),
            **colour_diagnostics(model, x, data, seed)}
     if full:
@@ -1130,7 +1096,6 @@ def geometry_diagnostics(model, data, aug, n_images=512, n_pairs=8, seed=0, full
 
 # =====================================================================================
 # 6. Plots (matplotlib) from the records in metrics.json         [machinery: a student may skip it]
-# =====================================================================================
 def _stats(values):
     """(mean, standard deviation) of the numbers among values; (None, None) if none."""
     v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
@@ -1175,13 +1140,11 @@ def _bars(ax, groups, names, keys, title):
 
 
 def _hue_curve(ax, groups):
-    for label, ms in groups:
+    for g, (_, ms) in enumerate(groups):
         for key, style in (("hue_cosine", "-"), ("hue_cosine_z", "--")):
-            curves = [(m.get("diagnostics") or {}).get(key) or {} for m in ms]
-            shifts = list(curves[0])
-            means = [_stats([c.get(s) for c in curves])[0] for s in shifts]
-            ax.plot([float(s) for s in shifts], means, style, marker="o",
-                    color=f"C{groups.index((label, ms))}")
+            shifts = list(_value(ms[0], ("diagnostics", key)) or {})
+            means = [_stats([_value(m, ("diagnostics", key, s)) for m in ms])[0] for s in shifts]
+            ax.plot([float(s) for s in shifts], means, style, marker="o", color=f"C{g}")
     ax.set(title="Colour sensitivity: cos(e(x), e(hue-shifted x))\nsolid: e = h, dashed: e = z",
            xlabel="hue shift (fraction of a turn)", ylabel="mean cosine similarity")
 
@@ -1192,18 +1155,14 @@ def _gram_matrices(ax, groups):
     if not d:
         return ax.axis("off")
     G, G2 = torch.tensor(d["G"]), torch.tensor(d["G_prime"])
-    n, gap = len(G), torch.full((len(G), 1), float("nan"))
-    ax.imshow(torch.cat([G, gap, G2, gap, (G - G2).abs()], 1).numpy(), cmap="RdBu_r", vmin=-1,
-              vmax=1)
+    n, gap, D = len(G), torch.full((len(G), 1), float("nan")), G - G2
+    ax.imshow(torch.cat([G, gap, G2, gap, D.abs()], 1).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks([(n - 1) / 2, 1.5 * n, 2.5 * n + 1], ["G = Z Z^T", "G' = Z' Z'^T", "|G - G'|"])
     ax.set(yticks=[], title=f"{n} test images, Z = z(a x), Z' = z(a' x) (-1 blue, +1 red)\n"
-           f"mean off-diagonal (G - G')^2: {((G - G2).square().sum() / (n * (n - 1))).item():.4f}")
+           f"mean off-diagonal (G - G')^2: {(D.square().sum() / (n * (n - 1))).item():.4f}")
 
 
-def _curves(title, *keys):
-    return functools.partial(_curve, keys=keys, title=title)
-
-
+_curves = lambda title, *keys: functools.partial(_curve, keys=keys, title=title)
 _residual = lambda k: lambda family: ("by_family", family, f"{k}_residual")
 PANELS = {
     **{k: _curves(f"{k} (training)", k) for k in TERMS[1:]},
@@ -1232,10 +1191,9 @@ def plot(groups, path, panels, cols, title):
     name the groups in every panel; the first panel's legend says which is which."""
     rows = math.ceil(len(panels) / cols)
     fig, axes = pyplot().subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
-    for i, (ax, name) in enumerate(zip(axes.flat, panels)):
+    for ax, name in zip(axes.flat, panels):
         PANELS[name](ax, groups)
-        if i == 0:                              # the colours name the groups
-            ax.legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -1263,18 +1221,8 @@ def run_title(m):
             f"batch {c['batch_size']} | {m['device']}")
 
 
-def draw_run(metrics, out):
-    method = metrics["config"]["method"].upper()
-    groups, title = [(method, [metrics])], f"{method} | {run_title(metrics)}"
-    plot(groups, os.path.join(out, "curves.png"), ["alignment", "uniformity", "equivariance",
-         "knn", "gram", "procrustes", "angle", "hue", "hue_z", "colour"], 5, title)
-    plot(groups, os.path.join(out, "geometry.png"),
-         ["residuals", "hue_shifts", "families", "gram_matrices"], 2, title)
-
-
 # =====================================================================================
 # 7. Other modes: --compare, --augmentations, --benchmark       [machinery: a student may skip it]
-# =====================================================================================
 def summary(m):
     """The numbers a reader compares between runs, from one metrics.json."""
     d = m.get("diagnostics") or {}
@@ -1299,8 +1247,7 @@ def group_summary(ms):
 
 
 def compare(dirs, out):
-    """--compare: group the runs by setting (seeds pooled), draw out/compare.png, print a
-    table of means and spreads."""
+    """--compare: runs grouped by setting, seeds pooled: out/compare.png and a mean +- sd table."""
     runs = []
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "metrics.json")):
@@ -1353,13 +1300,9 @@ def draw_augmentations(cfg):
 
 
 def benchmark(cfg):
-    """--benchmark: time the training step against itself without augmentation, and with
-    the speed settings off.
-
-    bare: the same step on ready-made views (augmentation skipped), so step / bare is what
-    the batched augmentation adds; fp32: the same step with --precision fp32
-    --no-channels-last --no-compile, so fp32 / step is what the speed settings buy here.
-    """
+    """--benchmark: the training step timed against itself on ready-made views (bare: step /
+    bare is what the batched augmentation adds) and with --precision fp32 --no-channels-last
+    --no-compile (fp32: fp32 / step is what the speed settings buy here). README, Speed."""
     device = setup(cfg)
     B, S = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
@@ -1429,18 +1372,14 @@ def count_host_syncs(step):
 
 # =====================================================================================
 # 8. Command line: flags, recipes by dataset, checks, errors    [machinery: a student may skip it]
-# =====================================================================================
 # The reference recipe of each dataset (the authors' scripts; ../shared/METHOD.md). A flag
 # the user does not type takes its dataset's value; typed flags win.
-RECIPES = {
-    "cifar10": dict(lam=0.03, group_size=16, optimizer="adam", lr=1e-3, weight_decay=1e-6,
-                    lr_schedule="constant"),
-    "cifar100": dict(lam=0.001, group_size=64, optimizer="adam", lr=1e-3, weight_decay=1e-6,
-                     lr_schedule="constant"),
-    "stl10": dict(lam=0.01, group_size=32, optimizer="sgd", lr=0.06, weight_decay=5e-4,
-                  lr_schedule="cosine"),
-}
-RECIPES["folder"] = RECIPES["cifar10"]
+CIFAR_RECIPE = dict(lam=0.03, group_size=16, optimizer="adam", lr=1e-3, weight_decay=1e-6,
+                    lr_schedule="constant")
+RECIPES = {"cifar10": CIFAR_RECIPE, "cifar100": dict(CIFAR_RECIPE, lam=0.001, group_size=64),
+           "stl10": dict(lam=0.01, group_size=32, optimizer="sgd", lr=0.06, weight_decay=5e-4,
+                         lr_schedule="cosine"),
+           "folder": CIFAR_RECIPE}
 # The settings that define a training run: the header prints them as flags, and a resumed
 # run may not change the first group (the model, its data and its optimizer).
 FIXED_ON_RESUME = ("method", "contrastive", "arch", "stem", "feature_dim", "dataset",
@@ -1461,8 +1400,7 @@ def command_line(cfg):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                   # one line, no usage block
-        print(f"care.py: error: {message} (see python care.py --help)", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"care.py: error: {message} (see python care.py --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1539,8 +1477,7 @@ def build_parser():
 
 
 def configure(args, given):
-    """Settings: typed flags, else the resumed checkpoint's, else the --dataset recipe;
-    then validated."""
+    """Settings: typed flags, else the resumed checkpoint's, else the dataset recipe; validated."""
     ckpt = None
     if args.eval_only and not args.resume:
         raise CareError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
@@ -1658,20 +1595,18 @@ def main(argv=None):
         if cfg.augmentations:
             return draw_augmentations(cfg)
         return benchmark(cfg) if cfg.benchmark else run(cfg, ckpt)
-    except CareError as e:
-        if speak:
-            print(f"care.py: error: {e}", file=sys.stderr)
-        raise SystemExit(e.code)
     except KeyboardInterrupt:                   # outside the training loop: nothing to keep
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)
     except Exception as e:
-        if not _out_of_memory(e):
-            raise
+        if not isinstance(e, CareError):
+            if not _out_of_memory(e):
+                raise
+            e = CareError("out of GPU memory: lower --batch-size or --image-size, or use a "
+                          "smaller --arch", code=1)
         if speak:
-            print("care.py: error: out of GPU memory: lower --batch-size or --image-size, or "
-                  "use a smaller --arch", file=sys.stderr)
-        raise SystemExit(1)
+            print(f"care.py: error: {e}", file=sys.stderr)
+        raise SystemExit(e.code)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
