@@ -18,15 +18,16 @@ group_size images and shared by all of them.
 Part I, the method, reads top to bottom beside the paper and is the code that trains:
 1. the group-shared augmentation, 2. the encoder, 3. InfoNCE and the equivariance loss
 with the derivation, 4. the training step, 5. the epoch loop, 6. kNN and the linear probe.
-It ends at line 374, where the banner "Part II, the machinery" begins.
+It ends, before line 450, at the banner "Part II, the machinery".
 Part II holds what a student may skip: settings, data, the batched image operations,
 precision and torchrun, checkpoints, progress, evaluation and the geometry diagnostics,
-plots, other modes (--compare, --augmentations, --benchmark), the command line.
+plots, other modes (--compare, --augmentations, --benchmark, --exercise), the command line.
 
     python care.py --epochs 200                 # CIFAR-10, ResNet-18, the authors' recipe
     python care.py --help
 """
 import argparse
+import ast
 import datetime
 import functools
 import itertools
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
@@ -80,8 +80,13 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
 
     Parameters are drawn once per group of `group_size` consecutive images and shared by
     the whole group: that gives the pairs (a x_1, ..., a x_n) the equivariance loss needs.
-    group_size=1 gives ordinary per-image SimCLR views. Every call draws fresh parameters,
-    unless `u` (B // group_size, 1, N_UNIFORMS) gives them (the diagnostics' pairs).
+    group_size=1 gives ordinary per-image SimCLR views. Every call draws fresh parameters
+    (torch.rand with `generator`), unless `u` (B // group_size, 1, N_UNIFORMS) gives them.
+    A row's columns (AUG_COLUMNS) act in this order: random_resized_crop(crop_area,
+    crop_aspect, crop_position, scale=(scale_min, 1)); a horizontal flip if flip < 0.5;
+    if jitter < 0.8, brightness, contrast and saturation factors 0.6 + 0.8 u and a hue
+    shift -0.1 + 0.2 u (jitter_strengths, in that order); grayscale if grayscale < 0.2;
+    gaussian_blur with sigma 0.1 + 1.9 blur_sigma if blur < 0.5; normalize(mean, std).
     """
     B = len(x)
     if group_size < 1 or B % group_size:
@@ -146,8 +151,9 @@ def stem_for(image_size):
 
 # -------------------------------------------------------------------------------------
 # 3. The losses: InfoNCE, its two halves, the equivariance loss and why it works
-def _similarities(z1, z2, temperature):
-    """Logits s_ik / tau over the 2B views, the diagonal removed, and each view's partner."""
+def similarity_logits(z1, z2, temperature):
+    """Logits s_ik / tau over the 2B views z = [z1; z2], the diagonal removed (-inf), and
+    each view's partner p(i) = (i + B) mod 2B: z1[i] and z2[i] are two views of image i."""
     z = torch.cat([z1, z2]).float()
     n = z.shape[0]
     logits = (z @ z.T) / temperature
@@ -161,7 +167,7 @@ def info_nce(z1, z2, temperature=0.5):
     s_ik = <z_i, z_k>: cross-entropy over the similarity logits with the diagonal removed
     and target p(i), averaged over the 2B views.
     """
-    logits, partner = _similarities(z1, z2, temperature)
+    logits, partner = similarity_logits(z1, z2, temperature)
     return F.cross_entropy(logits, partner)
 
 # InfoNCE's two halves. Write s_i = s_{i,p(i)} / tau for the positive and
@@ -175,7 +181,7 @@ def info_nce(z1, z2, temperature=0.5):
 # altogether: only the rotation structure and the spread remain.
 def alignment_uniformity(z1, z2, temperature=0.5):
     """(alignment, uniformity), the two halves of info_nce, as the reference computes them."""
-    logits, partner = _similarities(z1, z2, temperature)
+    logits, partner = similarity_logits(z1, z2, temperature)
     negatives = logits.scatter(1, partner[:, None], float("-inf"))
     return -logits.gather(1, partner[:, None]).mean(), torch.logsumexp(negatives, 1).mean()
 
@@ -432,6 +438,8 @@ SETTINGS = {
     "compare": S((), "mode", "pool the runs in these folders by setting: --out/compare.png"),
     "augmentations": S(False, "mode", "draw the views of two groups: --out/augmentations.png"),
     "benchmark": S(False, "mode", "time training steps: --out/benchmark.json"),
+    "exercise": S((), "mode", "a course's copy of care.py, these functions to write: "
+                  "--out/care.py (default --out: course)"),
 }
 # The reference recipe of each dataset (the authors' scripts in Sharut/CARE), as its
 # differences from the defaults above, which are CIFAR-10's. Flags typed win.
@@ -1427,6 +1435,52 @@ def count_host_syncs(step):
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in seen)
 
+# The course: each exercise hands out these functions, and builds on those exercises (a
+# function left unwritten also fails the exercises that call it). README, Course.
+EXERCISES = {
+    "info_nce": (("similarity_logits", "info_nce"), ()),
+    "alignment_uniformity": (("alignment_uniformity",), ("info_nce",)),
+    "equivariance_loss": (("equivariance_loss",), ()),
+    "augment": (("augment",), ("adjust_hue", "gaussian_blur")),
+    "adjust_hue": (("adjust_hue",), ()),
+    "gaussian_blur": (("gaussian_blur",), ()),
+    "objective": (("objective",), ("info_nce", "alignment_uniformity", "equivariance_loss")),
+    "knn_top1": (("knn_top1",), ()),
+    "linear_probe": (("linear_probe", "fit_linear"), ()),
+    "residuals": (("procrustes", "residuals"), ()),
+    "rotation_angle_deg": (("rotation_angle_deg",), ()),
+    "colour_probe": (("colour_probe",), ("linear_probe",))}
+
+def grader(name):
+    """The command that grades exercise `name`: its own class of tests in test_care.py."""
+    return f"python -m pytest -q test_care.py::Test{name.title().replace('_', '')}"
+
+def write_exercise(names, out):
+    """--exercise: out/care.py, in which each named exercise's functions keep signature,
+    docstring and the comments around them, and their bodies raise NotImplementedError
+    naming the exercise and its grader; everything else is byte-identical. And
+    out/test_care.py, the graders."""
+    unknown = [n for n in names if n not in EXERCISES]
+    if unknown:
+        raise CareError(f"no exercise {unknown[0]!r}; the exercises: {', '.join(EXERCISES)}")
+    here, target = os.path.dirname(os.path.abspath(__file__)), os.path.join(out, "care.py")
+    if os.path.exists(target):
+        raise CareError(f"{target} exists: choose another --out, or remove it first")
+    with open(os.path.join(here, "care.py")) as f:
+        lines = f.read().split("\n")
+    exercise_of = {f: n for n in names for f in EXERCISES[n][0]}
+    for node in reversed(ast.parse("\n".join(lines)).body):       # bottom up: lines stay put
+        if isinstance(node, ast.FunctionDef) and node.name in exercise_of:
+            name, doc = exercise_of[node.name], node.body[0]     # every exercise has a docstring
+            lines[doc.end_lineno:node.end_lineno] = [
+                f"{' ' * doc.col_offset}raise NotImplementedError(\"exercise {name}: write "
+                f"{node.name}, then grade it: {grader(name)}\")"]
+    os.makedirs(out, exist_ok=True)
+    with open(target, "w") as f:
+        f.write("\n".join(lines))
+    shutil.copy(os.path.join(here, "test_care.py"), out)
+    print(f"{target}: " + "; ".join(f"{n} to write, graded by {grader(n)}" for n in names))
+
 # -------------------------------------------------------------------------------------
 # 16. The command line: flags from SETTINGS, the recipe, resume, checks, errors
 class Parser(argparse.ArgumentParser):
@@ -1464,7 +1518,7 @@ def build_parser():
         if isinstance(s.default, bool):
             kw = dict(action="store_true")
         elif isinstance(s.default, tuple):
-            kw = dict(nargs="+", metavar="NAME" if name == "exercise" else "DIR")
+            kw = dict(nargs="+", metavar="DIR" if name == "compare" else "NAME")
         else:
             kw = dict(type=str if s.default is None else type(s.default), choices=s.choices,
                       metavar="PATH" if s.default is None else None)
@@ -1581,6 +1635,8 @@ def main(argv=None):
     try:
         if typed.get("compare"):
             return compare(typed["compare"], typed.get("out", os.path.join("runs", "compare")))
+        if typed.get("exercise"):
+            return write_exercise(typed["exercise"], typed.get("out", "course"))
         cfg, ckpt = configure(typed)
         if cfg.augmentations:
             return draw_augmentations(cfg)
