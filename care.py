@@ -1315,6 +1315,15 @@ def group_summary(ms):
     return {k: "-" if mean is None else f"{mean:.4g}" + (f" +- {sd:.1g}" if len(ms) > 1 else "")
             for k, (mean, sd) in ((k, _stats([summary(m)[k] for m in ms])) for k in summary(ms[0]))}
 
+def recorded(panel, runs):
+    """Whether any run recorded what the panel draws (older records lack the geometry)."""
+    if panel in CURVES:
+        return any(_value(r, k) is not None for m in runs for r in m["epochs"]
+                   for k in CURVES[panel][1])
+    key = {"residuals": "identity_residual", "families": "by_family", "hue_shifts": "hue_cosine",
+           "gram_matrices": "gram_matrices"}[panel]
+    return any((m.get("diagnostics") or {}).get(key) is not None for m in runs)
+
 def compare(dirs, out):
     """--compare: runs grouped by setting, seeds pooled: out/compare.png and a mean +- sd table."""
     runs = []
@@ -1331,9 +1340,10 @@ def compare(dirs, out):
                                       if k != "lam" or c["method"] == "care")
         groups.setdefault(label, []).append(m)
     groups = list(groups.items())
-    plot(groups, os.path.join(out, "compare.png"),
-         ["knn", "info_nce", "alignment", "uniformity", "equivariance", "gram", "procrustes",
-          "angle", "hue", "hue_z", "colour", "residuals", "families", "hue_shifts"], 5,
+    panels = [p for p in ("knn", "info_nce", "alignment", "uniformity", "equivariance", "gram",
+                          "procrustes", "angle", "hue", "hue_z", "colour", "residuals",
+                          "families", "hue_shifts") if recorded(p, runs)]
+    plot(groups, os.path.join(out, "compare.png"), panels, 5,
          f"{len(runs)} runs in {len(groups)} settings | {run_title(runs[0])}")
     width = max(len(label) for label, _ in groups) + 2
     print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>18}" for k in summary(runs[0])))
