@@ -76,17 +76,20 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
             scale_min=0.08, blur_kernel=3, u=None):
-    """Augment a float batch (B, 3, H, W) in [0, 1]; returns normalised views, same shape.
+    """Augment a float batch (B, 3, H, W) in [0, 1]: normalised views, same shape, dtype
+    and device.
 
     Parameters are drawn once per group of `group_size` consecutive images and shared by
     the whole group: that gives the pairs (a x_1, ..., a x_n) the equivariance loss needs.
     group_size=1 gives ordinary per-image SimCLR views. Every call draws fresh parameters
-    (torch.rand with `generator`), unless `u` (B // group_size, 1, N_UNIFORMS) gives them.
-    A row's columns (AUG_COLUMNS) act in this order: random_resized_crop(crop_area,
-    crop_aspect, crop_position, scale=(scale_min, 1)); a horizontal flip if flip < 0.5;
-    if jitter < 0.8, brightness, contrast and saturation factors 0.6 + 0.8 u and a hue
-    shift -0.1 + 0.2 u (jitter_strengths, in that order); grayscale if grayscale < 0.2;
-    gaussian_blur with sigma 0.1 + 1.9 blur_sigma if blur < 0.5; normalize(mean, std).
+    (torch.rand with `generator`), unless `u` (B // group_size, 1, N_UNIFORMS) gives them,
+    row k to group k. A row's columns (AUG_COLUMNS) act in this order:
+    random_resized_crop(crop_area, crop_aspect, crop_position, scale=(scale_min, 1)); a
+    horizontal flip if flip < 0.5; if jitter < 0.8, brightness, contrast and saturation
+    factors 0.6 + 0.8 u and a hue shift -0.1 + 0.2 u (jitter_strengths, applied in that
+    order); grayscale if grayscale < 0.2; gaussian_blur(kernel blur_kernel, sigma 0.1 +
+    1.9 blur_sigma) if blur < 0.5; normalize(mean, std). A ValueError if group_size < 1
+    or B is not a multiple of it.
     """
     B = len(x)
     if group_size < 1 or B % group_size:
@@ -152,8 +155,9 @@ def stem_for(image_size):
 # -------------------------------------------------------------------------------------
 # 3. The losses: InfoNCE, its two halves, the equivariance loss and why it works
 def similarity_logits(z1, z2, temperature):
-    """Logits s_ik / tau over the 2B views z = [z1; z2], the diagonal removed (-inf), and
-    each view's partner p(i) = (i + B) mod 2B: z1[i] and z2[i] are two views of image i."""
+    """Logits s_ik / tau over the 2B views z = [z1; z2], in float32 whatever the views'
+    dtype: (2B, 2B), the diagonal -inf (a view is no candidate of its own); and each view's
+    partner p(i) = (i + B) mod 2B, a (2B,) index tensor: z1[i], z2[i] are views of image i."""
     z = torch.cat([z1, z2]).float()
     n = z.shape[0]
     logits = (z @ z.T) / temperature
@@ -165,7 +169,9 @@ def info_nce(z1, z2, temperature=0.5):
 
     For view i with positive p(i), l_i = -log softmax_k(s_ik / tau)[p(i)], k != i, with
     s_ik = <z_i, z_k>: cross-entropy over the similarity logits with the diagonal removed
-    and target p(i), averaged over the 2B views.
+    and target p(i), averaged over the 2B views. A 0-d float32 tensor with gradient, exact
+    at small temperatures too: at tau = 0.01 a logit is up to 100 and exp(100) overflows
+    float32, so the softmax must be taken in log-sum-exp form (as cross_entropy does).
     """
     logits, partner = similarity_logits(z1, z2, temperature)
     return F.cross_entropy(logits, partner)
@@ -180,7 +186,8 @@ def info_nce(z1, z2, temperature=0.5):
 # `uniformity + lam * equivariance_loss` (--contrastive uniformity) drops invariance
 # altogether: only the rotation structure and the spread remain.
 def alignment_uniformity(z1, z2, temperature=0.5):
-    """(alignment, uniformity), the two halves of info_nce, as the reference computes them."""
+    """(alignment, uniformity), the two halves of info_nce defined above: 0-d float32
+    tensors with gradient, exact at small temperatures (log-sum-exp, as info_nce)."""
     logits, partner = similarity_logits(z1, z2, temperature)
     negatives = logits.scatter(1, partner[:, None], float("-inf"))
     return -logits.gather(1, partner[:, None]).mean(), torch.logsumexp(negatives, 1).mean()
@@ -229,11 +236,13 @@ def alignment_uniformity(z1, z2, temperature=0.5):
 # The diagonal of G - G' is zero for unit vectors, so leaving it out changes nothing
 # there; the scaling 2/n (twice the mean over rows) is the reference implementation's.
 def equivariance_loss(z1, z2, group_size):
-    """Mean over groups of (2/n) sum_{i != j} (G_ij - G'_ij)^2, n = group_size.
+    """Mean over groups of (2/n) sum_{i != j} (G_ij - G'_ij)^2, n = group_size: a 0-d
+    float32 tensor (bfloat16 views are converted first) with gradient to both views.
 
     Rows [k n, (k+1) n) of z1 and z2 are group k: the same images under a and under a'.
     The sum has n (n - 1) terms, so the loss, and with it lam's effective weight, grows
-    about linearly with n: a recipe's lam goes with its group size.
+    about linearly with n: a recipe's lam goes with its group size. A ValueError if
+    group_size < 1 or B is not a multiple of it.
     """
     B, d = z1.shape
     if group_size < 1 or B % group_size:
@@ -271,10 +280,13 @@ def train_step(model, optimizer, images, cfg, generator=None, aug=augment, machi
     return terms.detach()
 
 def objective(z, cfg, gather=None):
-    """The TERMS from the projections z = [z(t x), z(t' x), z(a x), z(a' x)], in float32:
-    loss = contrastive term + lam * equivariance loss. Under torchrun, `gather` brings
-    InfoNCE the views of every process as candidates (Part II, Machine.gather); a group
-    never straddles two processes, so the equivariance loss needs none."""
+    """The TERMS from the projections z = [z(t x), z(t' x), z(a x), z(a' x)] (SimCLR: the
+    first two), a float32 tensor in TERMS' order with gradient to z: loss = contrastive
+    term (cfg.contrastive: info_nce, or its uniformity half) + lam * equivariance loss,
+    with cfg's lam, temperature and group_size. CARE records its equivariance term even
+    at lam = 0; SimCLR records 0. Under torchrun, `gather` brings InfoNCE and
+    its halves the views of every process as candidates (Part II, Machine.gather); a group
+    never straddles two processes, so the equivariance loss takes the local views."""
     z1, z2 = z[0].float(), z[1].float()
     if gather is not None:
         z1, z2 = gather(z1), gather(z2)
@@ -332,8 +344,10 @@ def train(run, cfg):
 # 6. Evaluation of the frozen backbone h: the kNN monitor and the linear probe
 @torch.no_grad()
 def knn_top1(train_h, train_y, test_h, test_y, k=200, temperature=0.5, chunk=1024):
-    """Weighted kNN (the InstDisc/SimCLR monitor): the k most cosine-similar training
-    images vote for their class with weight exp(sim / temperature). Top-1 in percent."""
+    """Weighted kNN (the InstDisc/SimCLR monitor): for each test image, the k most
+    cosine-similar training images (k at most their number; features of any length) vote
+    for their class with weight exp(cosine / temperature). Top-1 in percent, a float, not
+    rounded. Test images go `chunk` at a time (memory: chunk x N similarities)."""
     bank = F.normalize(train_h, dim=1)
     classes, k = int(train_y.max()) + 1, min(k, len(bank))
     correct = torch.zeros((), device=bank.device)
@@ -345,8 +359,9 @@ def knn_top1(train_h, train_y, test_h, test_y, k=200, temperature=0.5, chunk=102
     return 100 * correct.item() / len(test_y)
 
 def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, lr=1e-3, seed=0):
-    """The fast linear evaluation, test top-1 %: a linear layer (Adam, cosine schedule) on
-    frozen un-augmented backbone features, extracted once, standardised by the training split."""
+    """The fast linear evaluation, test top-1 %: both splits standardised with the training
+    split's per-feature mean and std (+ 1e-6), then fit_linear on these frozen features
+    with a cosine schedule and no weight decay."""
     mu, sd = train_h.mean(0), train_h.std(0) + 1e-6
     return fit_linear(lambda: (train_h - mu) / sd, train_y, (test_h - mu) / sd, test_y,
                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0,
@@ -355,9 +370,12 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch_size=256, l
 @torch.enable_grad()                            # also when called from a no_grad diagnostic
 def fit_linear(epoch_features, train_y, test_h, test_y, *, epochs, batch_size, lr,
                weight_decay, seed, cosine):
-    """Train a linear classifier with Adam on epoch_features() (called once per epoch).
-    `seed` fixes its initial weights and batch order, and the global random stream is
-    left alone: a probe run during training cannot change the training."""
+    """Test top-1 % of an nn.Linear classifier trained by torch.optim.Adam(lr, weight_decay).
+    Each epoch calls epoch_features() once and takes all its rows in a fresh random order,
+    in batches of batch_size (the last may be smaller): a step per batch, its gradients
+    zeroed first. The lr at step i of all steps is lr (1 + cos(pi i / steps)) / 2 if
+    `cosine`, else lr. `seed` fixes the initial weights and the orders, and the global
+    random stream is left alone: a probe run during training cannot change the training."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = nn.Linear(test_h.shape[1], int(train_y.max()) + 1).to(test_h.device)
@@ -583,7 +601,9 @@ def adjust_saturation(x, factor):               # towards its own grayscale vers
     return _blend(x, rgb_to_grayscale(x), factor)
 
 def adjust_hue(x, shift):
-    """Rotate the hue channel of HSV by `shift` (a fraction of a turn, in [-0.5, 0.5])."""
+    """Rotate the hue channel of HSV by `shift` turns: a float for the whole batch or a (B,)
+    tensor, one per image; any real number (1 is a full turn, 0.75 the same as -0.25).
+    Pixels without a hue (black, grey, white) stay as they are."""
     # RGB -> HSV (torchvision's _rgb2hsv, written with torch.where).
     v, _ = x.max(1)
     c = v - x.min(1).values                       # chroma
@@ -601,7 +621,8 @@ def adjust_hue(x, shift):
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 def gaussian_blur(x, sigma, kernel_size=3):
-    """Gaussian blur with one sigma per image and reflect padding, as torchvision's."""
+    """Gaussian blur of (B, C, H, W) images, one sigma per image (a (B,) tensor), an odd
+    kernel_size, reflect padding: torchvision's gaussian_blur, image by image."""
     B, C, H, W = x.shape
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
@@ -1088,15 +1109,16 @@ def family_pair(family, g):
     return u, u2
 
 def procrustes(Z, Z2):
-    """The orthogonal Q minimising ||Z Q - Z'|| (orthogonal Procrustes): Q = U V^T from the
-    SVD Z^T Z' = U S V^T. Q may be a reflection (det -1): "rotation" below means either."""
+    """The orthogonal Q minimising ||Z Q - Z'|| (orthogonal Procrustes, nothing centred): Q =
+    U V^T from the SVD Z^T Z' = U S V^T. Q may be a reflection (det -1): "rotation" below
+    means either."""
     U, _, Vh = torch.linalg.svd(Z.T @ Z2)
     return U @ Vh
 
 def residuals(Z, Z2):
     """How much of Z' each map of Z leaves unexplained: ||Z M - Z'||^2 over Z''s total
     variance ||Z' - mean(Z')||^2, for M the identity, the best orthogonal map (procrustes)
-    and the best linear map (least squares)."""
+    and the best linear map (least squares), neither with an intercept."""
     Z, Z2 = Z.double().cpu(), Z2.double().cpu()
     total = (Z2 - Z2.mean(0)).square().sum()
     maps = {"identity": torch.eye(Z.shape[1], dtype=Z.dtype), "procrustes": procrustes(Z, Z2),
@@ -1104,10 +1126,11 @@ def residuals(Z, Z2):
     return {f"{k}_residual": ((Z @ M - Z2).square().sum() / total).item() for k, M in maps.items()}
 
 def rotation_angle_deg(Z, Q):
-    """How far the orthogonal map z -> z Q turns the embeddings Z (rows): the mean angle
-    between z and z Q, in degrees. 0 for the identity; theta for a turn by theta in every
-    plane. (Averaging the phases of Q's eigenvalues instead would count the directions no
-    embedding uses, where the best map is arbitrary.)"""
+    """How far the orthogonal map z -> z Q turns the embeddings Z (rows of any length): the
+    mean over rows of the angle between z and z Q, in degrees (not the angle of the mean
+    cosine). 0 for the identity, in float32 too, where a cosine can round past 1; theta
+    for a turn by theta in every plane. (Averaging the phases of Q's eigenvalues instead
+    would count the directions no embedding uses, where the best map is arbitrary.)"""
     cos = (Z * (Z @ Q)).sum(1) / Z.norm(dim=1).square()
     return math.degrees(cos.clamp(-1, 1).acos().mean().item())
 
@@ -1132,9 +1155,10 @@ def pair_fit(model, x, aug, g, n_pairs, family=None):
 
 def colour_probe(by_turn, seed=0):
     """Can the hue turn be read from the embedding? by_turn[k] holds the embeddings of the
-    images turned by k/K. A linear probe learns k on the first half of the images and is
-    tested on the other half (unseen images): top-1 in percent, chance 100/K. A cosine
-    says how far a turn moves an embedding; this says whether the turn stays readable."""
+    same n images turned by k/K. linear_probe(batch_size=64, lr=1e-2, seed=seed) learns k
+    from the first n // 2 images of every turn and is tested on the others (unseen
+    images): top-1 in percent, chance 100/K. A cosine says how far a turn moves an
+    embedding; this says whether the turn stays readable."""
     half = len(by_turn[0]) // 2
     split = lambda part: (torch.cat([e[part] for e in by_turn]), torch.arange(
         len(by_turn), device=by_turn[0].device).repeat_interleave(len(by_turn[0][part])))
@@ -1446,7 +1470,8 @@ def count_host_syncs(step):
     return sum("synchroniz" in str(w.message) for w in seen)
 
 # The course: each exercise hands out these functions, and builds on those exercises (a
-# function left unwritten also fails the exercises that call it). README, Course.
+# function left unwritten also fails the exercises that call it). README.md, "Using care.py
+# in a course".
 EXERCISES = {
     "info_nce": (("similarity_logits", "info_nce"), ()),
     "alignment_uniformity": (("alignment_uniformity",), ("info_nce",)),
@@ -1462,14 +1487,15 @@ EXERCISES = {
     "colour_probe": (("colour_probe",), ("linear_probe",))}
 
 def grader(name):
-    """The command that grades exercise `name`: its own class of tests in test_care.py."""
+    """The command that grades exercise `name`, typed in the folder of the student's copy:
+    its own class of tests in test_care.py."""
     return f"python -m pytest -q test_care.py::Test{name.title().replace('_', '')}"
 
 def write_exercise(names, out):
     """--exercise: out/care.py, in which each named exercise's functions keep signature,
-    docstring and the comments around them, and their bodies raise NotImplementedError
-    naming the exercise and its grader; everything else is byte-identical. And
-    out/test_care.py, the graders."""
+    docstring and every comment, and their bodies raise NotImplementedError naming the
+    exercise and its grader; everything else is byte-identical. And out/test_care.py."""
+    names = list(dict.fromkeys(names))                          # each name once
     unknown = [n for n in names if n not in EXERCISES]
     if unknown:
         raise CareError(f"no exercise {unknown[0]!r}; the exercises: {', '.join(EXERCISES)}")
@@ -1482,14 +1508,17 @@ def write_exercise(names, out):
     for node in reversed(ast.parse("\n".join(lines)).body):       # bottom up: lines stay put
         if isinstance(node, ast.FunctionDef) and node.name in exercise_of:
             name, doc = exercise_of[node.name], node.body[0]     # every exercise has a docstring
-            lines[doc.end_lineno:node.end_lineno] = [
-                f"{' ' * doc.col_offset}raise NotImplementedError(\"exercise {name}: write "
-                f"{node.name}, then grade it: {grader(name)}\")"]
+            indent, body = " " * doc.col_offset, lines[doc.end_lineno:node.end_lineno]
+            lines[doc.end_lineno:node.end_lineno] = [          # the hints stay, then the stub
+                indent + line.strip() for line in body if line.strip().startswith("#")] + [
+                f"{indent}raise NotImplementedError(\"exercise {name}: write {node.name}, then "
+                f"grade it in this folder: {grader(name)}\")"]
     os.makedirs(out, exist_ok=True)
     with open(target, "w") as f:
         f.write("\n".join(lines))
     shutil.copy(os.path.join(here, "test_care.py"), out)
-    print(f"{target}: " + "; ".join(f"{n} to write, graded by {grader(n)}" for n in names))
+    print(f"{target}: " + "; ".join(f"{n} to write" for n in names) + "\ngrade each with:\n"
+          + "\n".join(f"  cd {out} && {grader(n)}" for n in names))
 
 # -------------------------------------------------------------------------------------
 # 16. The command line: flags from SETTINGS, the recipe, resume, checks, errors
