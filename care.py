@@ -59,8 +59,10 @@ from torchvision.ops import roi_align
 
 # -------------------------------------------------------------------------------------
 # 1. Two kinds of views: t, t' drawn per image, a, a' drawn once per group
-# The CIFAR recipe is SimCLR's: random resized crop, horizontal flip, colour jitter with
-# p=0.8, grayscale with p=0.2, Gaussian blur with p=0.5, normalisation. Each random choice
+# The CIFAR recipe: SimCLR's CIFAR augmentations (random resized crop, horizontal flip,
+# colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2), then the Gaussian
+# blur (kernel 3, p=0.5) that the CARE authors' CIFAR pipeline adds (SimCLR blurs only its
+# ImageNet views), then normalisation. Each random choice
 # is a uniform number in [0, 1), so one draw of the whole recipe is a row of uniforms in
 # named columns; augment() applies a batch of rows at once, on the device. The operations
 # themselves (crop, colour, blur) mirror torchvision's; they sit with the machinery below.
@@ -117,17 +119,19 @@ def augment(x, group_size, generator=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
     return normalize(x, mean, std)
 
 # -------------------------------------------------------------------------------------
-# 2. The encoder: backbone h (for evaluation) and projection head g (for the losses)
+# 2. The encoder: the backbone, whose output h is evaluated, and the projection head,
+# whose unit output z the losses act on
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 class Encoder(nn.Module):
-    """x -> (h, z): backbone features h (for evaluation) and unit projection z (for losses).
+    """x -> (h, z): h = backbone(x) (for evaluation), z = head(h) / |head(h)| (for losses).
 
-    A torchvision ResNet. 32x32 images are too small for its ImageNet stem (a 7x7 stride-2
-    conv and a max-pool shrink them 4x before the first block), so the CIFAR stem replaces
-    conv1 by a 3x3 stride-1 conv and drops the max-pool; from 64 px up (STL-10 at 96 px,
-    ImageNet at 224 px) the ImageNet stem stays. The classifier is dropped; h is the pooled
-    feature (512-d for ResNet-18/34, 2048-d for ResNet-50).
+    The backbone is a torchvision ResNet. 32x32 images are too small for its ImageNet stem
+    (a 7x7 stride-2 conv and a max-pool shrink them 4x before the first block), so below
+    64 px the CIFAR stem replaces conv1 by a 3x3 stride-1 conv and drops the max-pool (the
+    cifar10, cifar100 and stl10 recipes, all at 32 px); from 64 px up (imagenet100 at 224
+    px) the ImageNet stem stays. The classifier is dropped; h is the pooled feature (512-d
+    for ResNet-18/34, 2048-d for ResNet-50).
     """
 
     def __init__(self, arch="resnet18", feature_dim=128, stem="cifar"):
@@ -182,9 +186,14 @@ def info_nce(z1, z2, temperature=0.5):
 # alignment = mean_i(-s_i) pulls t x and t' x together: invariance.
 # uniformity = mean_i log N_i pushes every other pair apart: the non-collapse term.
 # So info_nce = alignment + uniformity + mean_i log(1 + exp(s_i) / N_i), a remainder that is
-# positive and small while one positive weighs little against 2B - 2 negatives. Training
-# `uniformity + lam * equivariance_loss` (--contrastive uniformity) drops invariance
-# altogether: only the rotation structure and the spread remain.
+# positive and small while one positive weighs little against 2B - 2 negatives.
+# This alignment is -cos(z, z') / tau, so it is negative (-1/tau when the views agree).
+# Wang & Isola's alignment, ||z - z'||^2 = 2 - 2 cos(z, z') for unit vectors, is the same
+# quantity up to scale and shift: ours = (||z - z'||^2 / 2 - 1) / tau, averaged.
+# Training uses info_nce itself; the two halves are recorded every epoch (the table's
+# columns) and trained only with --contrastive uniformity, whose loss is
+# `uniformity + lam * equivariance_loss`: invariance dropped altogether, only the rotation
+# structure and the spread remain.
 def alignment_uniformity(z1, z2, temperature=0.5):
     """(alignment, uniformity), the two halves of info_nce defined above: 0-d float32
     tensors with gradient, exact at small temperatures (log-sum-exp, as info_nce)."""
@@ -212,7 +221,9 @@ def alignment_uniformity(z1, z2, temperature=0.5):
 #     Constructively: the orthogonal Procrustes problem min_R ||Z R^T - Z'|| is solved by
 #     R = V U^T from the SVD Z^T Z' = U S V^T, and its residual is zero exactly when
 #     G = G'. So the loss is zero iff each augmentation pair acts on the group as an
-#     orthogonal map (the paper proves the population version).
+#     orthogonal map (the paper proves the population version). An orthogonal map may be
+#     a reflection (det -1) as well as a rotation: here, as in the paper, "rotation"
+#     means either.
 #
 # (3) Alone, this loss collapses: a constant encoder makes every entry of both Gram
 #     matrices 1. InfoNCE's denominator (uniformity, above) prevents that. Its numerator
@@ -220,18 +231,34 @@ def alignment_uniformity(z1, z2, temperature=0.5):
 #     sits between invariance (R = I, SimCLR) and free equivariance (--contrastive
 #     uniformity, which the paper finds non-trivial but weaker).
 #
-# (4) lam trades the two off. lam = 0 is SimCLR: augmentations are erased. As lam grows
-#     the encoder is pushed to keep augmentations (colour, crop) as rotations, which keeps
-#     information SimCLR throws away; too large and the rotation term crowds out
-#     alignment. The reference uses lam = 0.03 on CIFAR-10.
+# (4) What lam trades off. The loss is zero for every orthogonal map, the identity
+#     included: an invariant encoder (z(a x) = z(a' x), SimCLR's ideal) pays nothing. So
+#     the term cannot reward keeping information about an augmentation, and it never
+#     opposes alignment, whose optimum (R = I) it shares. What it constrains is how the
+#     embedding moves where it does move: rigidly, and the same way for every image of the
+#     group. A trained encoder is not invariant: under a shared pair its embeddings move
+#     by an image-dependent map, which InfoNCE accepts as long as each image still picks
+#     out its partner. lam is the price of the part of that motion that is no single
+#     rotation, against InfoNCE: lam = 0 is SimCLR (any motion is free); a larger lam
+#     makes the encoder turn the remaining motion into one shared rotation or remove it,
+#     whichever costs InfoNCE less. Too large, and the encoder pays ever more InfoNCE for
+#     it, down to the shortcut of (3): the term is zero for a collapsed encoder too, which
+#     only uniformity resists. Whether what an augmentation changes (colour, say) then
+#     survives in z is an empirical question; figures/README.md measures it at its
+#     budget. The reference uses lam = 0.03 on CIFAR-10.
 #
-# (5) One pair (a, a') per group is what the derivation asks: each group is its own test
-#     of "one augmentation moves these n images by one rotation". The authors' CIFAR code
-#     draws one pair per *batch* (--pair-per batch): its sampling runs once per step.
-#     With a forward pass per view set (there and here), BatchNorm then normalises a batch
-#     that all carries a, and its batch statistics can absorb the channel shift a causes
-#     in common, so in training part of a may never reach z. One pair per group keeps a
-#     mix of augmentations in every batch.
+# (5) One pair (a, a') per group, or per batch. The derivation holds for any images
+#     sharing one pair: a pair shared by the whole batch, and so by all its groups,
+#     satisfies it as well. One pair per group is a design choice: each group is its own
+#     test of "one augmentation moves these n images by one rotation", and every batch
+#     holds a mix of augmentations. Why that mix might matter is a hypothesis: with a
+#     forward pass per view set (there and here), a batch that all carries one a lets
+#     BatchNorm's batch statistics absorb what a changes in common, so part of a may never
+#     reach z. The CPU study in figures/README.md compares the two ways (--pair-per) but
+#     does not isolate BatchNorm. The authors' CIFAR code draws one pair per batch: its
+#     sampling runs once per step, before DataParallel splits the batch, so every GPU gets
+#     that pair. Under torchrun, --pair-per batch draws one pair per process, from each
+#     process's own random stream: as many pairs per global batch as processes.
 #
 # The diagonal of G - G' is zero for unit vectors, so leaving it out changes nothing
 # there; the scaling 2/n (twice the mean over rows) is the reference implementation's.
