@@ -530,18 +530,15 @@ def _square(x, size):
 def _load_torchvision(name, root, train):
     cls = getattr(torchvision.datasets, name.upper())       # CIFAR10, CIFAR100, STL10
     kw = {"split": "train+unlabeled" if train else "test"} if name == "stl10" else {"train": train}
-    try:
-        ds = cls(root, download=False, **kw)
-    except RuntimeError:                                    # not downloaded yet
-        try:
-            ds = cls(root, download=True, **kw)
-        except Exception as e:
-            raise CareError(
-                f"could not download {name} into {root} ({_first_line(e)}). Offline? Get it on a "
-                f"connected machine with python -c \"import torchvision; torchvision.datasets."
-                f"{cls.__name__}('data', download=True)\" and copy data/ to --data-root, or use "
-                f"--dataset folder --data-root DIR with DIR/train/<class>/ and DIR/test/<class>/"
-                f" image folders", code=1) from None
+    try:                                                    # downloads what is missing
+        ds = cls(root, download=True, **kw)
+    except Exception as e:
+        raise CareError(
+            f"could not download {name} into {root} ({_first_line(e)}). Offline? Get it on a "
+            f"connected machine with python -c \"import torchvision; torchvision.datasets."
+            f"{cls.__name__}('data', download=True)\" and copy data/ to --data-root, or use "
+            f"--dataset folder --data-root DIR with DIR/train/<class>/ and DIR/test/<class>/"
+            f" image folders", code=1) from None
     x = torch.from_numpy(ds.data)
     x = x.permute(0, 3, 1, 2) if x.shape[-1] == 3 else x  # CIFAR stores HWC
     y = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels, dtype=torch.long)
@@ -881,8 +878,8 @@ def interrupted(run, cfg):
         print()                                         # end the live progress line
     ckpt, metrics = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
     run.metrics["epochs"] = [r for r in run.metrics["epochs"] if r["epoch"] <= run.epoch]
-    if run.epoch >= 1 and run.rank == 0:
-        atomic_save(run.metrics, metrics)               # in step with the checkpoint
+    if run.epoch >= 1 and run.rank == 0:                # end_epoch may have stopped between
+        atomic_save(run.metrics, metrics)               # its checkpoint and metrics.json
     launcher = "python" if run.world == 1 else f"torchrun --nproc_per_node={run.world}"
     run.log(f"interrupted during epoch {run.epoch + 1}: " + (
         f"{ckpt} and {metrics} hold epoch {run.epoch}; continue with: {launcher} care.py "
@@ -904,17 +901,40 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 def load_checkpoint(path, what="--resume"):
-    """A checkpoint.pt as plain tensors and Python values (weights_only: no pickled code)."""
+    """A checkpoint.pt of care.py as plain tensors and Python values (weights_only: no
+    pickled code), checked before any work: care.py's settings, and weights that fit them."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        raise CareError(f"{what} {path} is a folder: pass the checkpoint.pt in it"
+                        + (f", {inside}" if os.path.isfile(inside) else " (it has none)"))
     if not os.path.isfile(path):
         raise CareError(f"{what} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CareError(f"{what} {path}: cannot read it as a checkpoint "
-                        f"({_first_line(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch", "metrics"} <= ckpt.keys():
-        raise CareError(f"{what} {path}: not a care.py checkpoint")
+    except Exception:
+        raise CareError(f"{what} {path}: not a checkpoint.pt of care.py (torch.load cannot "
+                        f"read it)") from None
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CareError(f"{what} {path}: not a care.py checkpoint: {problem}")
     return ckpt
+
+def checkpoint_problem(ckpt):
+    """What makes ckpt no checkpoint of care.py's (its parts, its settings, its weights)."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        return "it has no table of settings (config)"
+    c, metrics = ckpt["config"], ckpt.get("metrics")
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch") if k not in ckpt] + [
+        k for k, s in SETTINGS.items() if s.kind in ("run", "epochs") and k not in c]
+    if missing or not isinstance(metrics, dict) or not {"epochs", "wall_time_s"} <= metrics.keys():
+        return f"it lacks {', '.join(missing) or 'its record (metrics)'}"
+    bad = [k for k, s in SETTINGS.items() if s.kind == "run" and s.choices and c[k] not in s.choices]
+    if bad:
+        return f"its {_flag(bad[0], c[bad[0]])} is none of {', '.join(SETTINGS[bad[0]].choices)}"
+    try:
+        Encoder(c["arch"], c["feature_dim"], stem_for(c["image_size"])).load_state_dict(ckpt["model"])
+    except Exception as e:
+        return f"its weights do not fit its settings ({_first_line(e)[:120]})"
 
 def load_encoder(path):
     """The trained encoder of a checkpoint, for your own code: an Encoder in eval mode on
@@ -930,25 +950,14 @@ def load_encoder(path):
 
 def restore(ckpt, run):
     """Weights, optimizer, scheduler, loss scaler and record (random streams: none kept)."""
-    optimizer = run.optimizer
-    try:
-        run.model.load_state_dict(ckpt["model"])
-        # The optimizer's kernel (fused on CUDA, not on a CPU) belongs to this machine;
-        # load_state_dict would take it from the checkpoint's groups (a CPU run's on a GPU).
-        for mine, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
-            saved.update(fused=mine["fused"], foreach=mine["foreach"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-        run.machine.scaler.load_state_dict(ckpt.get("scaler") or run.machine.scaler.state_dict())
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CareError(f"--resume: the checkpoint does not fit this model "
-                        f"({_first_line(e)[:160]})") from None
-    # The optimizer's moments arrive in the checkpoint's memory layout; give them their
-    # parameter's (channels_last), or Adam leaves its fast multi-tensor path.
-    for p, state in optimizer.state.items():
-        for k, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape:
-                state[k] = torch.empty_like(p).copy_(v)
+    run.model.load_state_dict(ckpt["model"])                # load_checkpoint checked the fit
+    # The optimizer's kernel (fused on CUDA, not on a CPU) belongs to this machine;
+    # load_state_dict would take it from the checkpoint's groups (a CPU run's on a GPU).
+    for mine, saved in zip(run.optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
+        saved.update(fused=mine["fused"], foreach=mine["foreach"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.machine.scaler.load_state_dict(ckpt.get("scaler") or run.machine.scaler.state_dict())
     run.epoch = ckpt["epoch"]
     run.metrics["wall_time_s"] = ckpt["metrics"]["wall_time_s"]
     run.metrics["epochs"] = [r for r in ckpt["metrics"]["epochs"] if r["epoch"] <= run.epoch]
@@ -1173,10 +1182,10 @@ def pair_fit(model, x, aug, g, n_pairs, family=None):
     out = {}
     for _ in range(n_pairs):
         u = family_pair(family, g) if family else (None, None)
-        Z, Z2 = (embed(model, x, lambda v: aug(v, len(v), g, u=p), len(x))[1] for p in u)
-        Zd, Z2d = Z.double().cpu(), Z2.double().cpu()
+        Z, Z2 = (embed(model, x, lambda v: aug(v, len(v), g, u=p), len(x))[1].double().cpu()
+                 for p in u)                    # float64 on the CPU, once, for every measure
         for k, v in {"gram_error": gram_error(Z, Z2), **residuals(Z, Z2),
-                     "rotation_angle_deg": rotation_angle_deg(Zd, procrustes(Zd, Z2d))}.items():
+                     "rotation_angle_deg": rotation_angle_deg(Z, procrustes(Z, Z2))}.items():
             out[k] = out.get(k, 0.0) + v / n_pairs
     return out
 
@@ -1313,8 +1322,10 @@ PANELS = {"residuals": _residual_bars, "families": _family_bars, "hue_shifts": _
 def plot(groups, path, panels, cols, title):
     """Draw the named panels (CURVES, PANELS) for groups = [(label, [metrics, ...]), ...],
     `cols` a row. Colours name the groups; the first panel's legend says which is which."""
+    from matplotlib.figure import Figure        # no pyplot: no global state, no display
     rows = math.ceil(len(panels) / cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig = Figure(figsize=(4.6 * cols, 3.8 * rows), layout="tight")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, panels):
         if name in CURVES:
             _curve(ax, groups, *CURVES[name])
@@ -1324,19 +1335,7 @@ def plot(groups, path, panels, cols, title):
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
-
-def pyplot():
-    import matplotlib                           # headless: no display needed
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-def save_figure(fig, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    pyplot().close(fig)
 
 def run_title(m):
     c = m["config"]
@@ -1394,6 +1393,7 @@ def compare(dirs, out):
     panels = [p for p in ("knn", "info_nce", "alignment", "uniformity", "equivariance", "gram",
                           "procrustes", "angle", "hue", "hue_z", "colour", "residuals",
                           "families", "hue_shifts") if recorded(p, runs)]
+    os.makedirs(out, exist_ok=True)
     plot(groups, os.path.join(out, "compare.png"), panels, 5,
          f"{len(runs)} runs in {len(groups)} settings | {run_title(runs[0])}")
     width = max(len(label) for label, _ in groups) + 2
@@ -1415,7 +1415,9 @@ def draw_augmentations(cfg):
                        for name, n in (("t x", 1), ("t' x", 1), ("a x", 4), ("a' x", 4))}}
     gap = torch.ones(1, *x.shape[1:])                           # a white tile between groups
     tiles = torch.cat([torch.cat([v[:4], gap, v[4:]]) for v in rows.values()]).clamp(0, 1)
-    fig, ax = pyplot().subplots(figsize=(9, 5.6))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 5.6), layout="tight")
+    ax = fig.subplots()
     grid = torchvision.utils.make_grid(tiles, nrow=9, padding=1, pad_value=1)
     ax.imshow(grid.permute(1, 2, 0).numpy())
     ax.set_xticks([2 * S, 7 * S], ["group 1", "group 2"])
@@ -1424,7 +1426,8 @@ def draw_augmentations(cfg):
     ax.spines[:].set_visible(False)
     fig.suptitle("t, t': drawn per image (InfoNCE)    a, a': drawn once per group of 4 "
                  "(equivariance loss)", fontsize=10)
-    save_figure(fig, os.path.join(cfg.out, "augmentations.png"))
+    os.makedirs(cfg.out, exist_ok=True)
+    fig.savefig(os.path.join(cfg.out, "augmentations.png"), dpi=110)
     print(f"figure: {os.path.join(cfg.out, 'augmentations.png')}")
 
 BENCH_WARMUP, BENCH_STEPS = 3, 10               # untimed and timed steps of each kind
@@ -1432,7 +1435,7 @@ BENCH_WARMUP, BENCH_STEPS = 3, 10               # untimed and timed steps of eac
 def benchmark(cfg):
     """--benchmark: the training step timed against itself on ready-made views (bare: step /
     bare is what the batched augmentation adds) and in fp32, contiguous and eager (fp32:
-    fp32 / step is what the speed settings buy here). README, Speed."""
+    fp32 / step is what the speed settings buy here). figures/README.md, Speed."""
     device = setup(cfg)
     B, size = cfg.batch_size, cfg.image_size
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=device)
@@ -1620,14 +1623,16 @@ def configure(typed):
                             f"epoch {saved['epochs']}, and another length would make the "
                             f"learning rate jump; start a new run instead")
         cfg.update(RECIPES[saved["dataset"]])
-        cfg.update(saved, out=typed.get("out", os.path.dirname(os.path.abspath(typed["resume"]))))
+        cfg.update(saved, out=typed.get("out", os.path.dirname(typed["resume"]) or "."))
+        if "data_root" not in typed and not os.path.exists(cfg["data_root"]):
+            raise CareError(f"--resume: the run read its data from {cfg['data_root']}, not there "
+                            f"from here: run from the folder it started in, or give --data-root")
     else:
         cfg.update(RECIPES[typed.get("dataset", cfg["dataset"])])
     cfg = argparse.Namespace(**{**cfg, **typed})
     if cfg.method == "simclr":
         cfg.lam = 0.0
     validate(cfg)
-    cfg.data_root = os.path.abspath(cfg.data_root)      # the record works from anywhere
     mode = "benchmark" if cfg.benchmark else "augmentations" if cfg.augmentations else None
     cfg.out = cfg.out or os.path.join("runs", mode or f"{cfg.method}-{cfg.dataset}")
     existing = os.path.join(cfg.out, "checkpoint.pt")

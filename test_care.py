@@ -1542,6 +1542,41 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_torchvision_cifar_on_disk_loads_as_uint8_splits(name, tmp_path, monkeypatch):
+    """The default data path (python care.py --epochs 200): torchvision reads a tiny CIFAR
+    written in its own on-disk format (its checksums patched, nothing downloaded)."""
+    import pickle
+    import torchvision.datasets.cifar as cifar
+    cls = getattr(care.torchvision.datasets, name.upper())
+    folder, classes = tmp_path / cls.base_folder, 10 if name == "cifar10" else 100
+    folder.mkdir()
+    index = iter(range(1000))                           # image i: R = i, G = 100 + i, B = 200 + i
+    for file, _ in cls.train_list + cls.test_list:
+        ids = [next(index) for _ in range(8 if name == "cifar100" else 4)]
+        planes = torch.tensor([[i, 100 + i, 200 + i] for i in ids], dtype=torch.uint8)
+        data = planes[:, :, None].expand(-1, -1, 1024).reshape(len(ids), 3072)  # R, G, B planes
+        labels = {"labels" if name == "cifar10" else "fine_labels": [i % classes for i in ids]}
+        with open(folder / file, "wb") as f:
+            pickle.dump({"data": data.numpy(), **labels}, f)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"class{c}" for c in range(classes)]}, f)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    n_train = 20 if name == "cifar10" else 8
+    d = care.load_data(name, str(tmp_path), 32)
+    assert d.train_x.shape == (n_train, 3, 32, 32) and d.train_x.dtype == torch.uint8
+    assert len(d.test_x) == (4 if name == "cifar10" else 8) and len(d.classes) == classes
+    i = d.train_x[:, 0, 0, 0].long()                    # red is the image's number
+    assert torch.equal(d.train_x[:, 1, 5, 7].long(), 100 + i) and torch.equal(
+        d.train_x[:, 2, 31, 0].long(), 200 + i), "channels in RGB order, each a whole plane"
+    assert torch.equal(d.train_y, i % classes) and d.classes[3] == "class3"
+    sub = care.load_data(name, str(tmp_path), 16, train_subset=5)
+    assert sub.train_x.shape == (5, 3, 16, 16) and sub.test_x.shape[1:] == (3, 16, 16)
+    assert torch.equal(sub.train_y, sub.train_x[:, 0, 0, 0].long() % classes), (
+        "the subset keeps each image with its label")
+    assert set(sub.train_x[:, 0, 0, 0].tolist()) < set(i.tolist())
+
+
 def test_load_folder_holds_uint8_splits_with_labels_and_subset(tiny_folder):
     d = care.load_data("folder", str(tiny_folder), 8, train_subset=10)
     assert d.train_x.shape == (10, 3, 8, 8) and d.train_x.dtype == torch.uint8
@@ -1814,17 +1849,20 @@ def test_monitoring_every_epoch_leaves_training_unchanged(tiny_folder, trained, 
     assert every["epochs"][2]["gram_error"] == rarely["epochs"][2]["gram_error"]
 
 
-def test_restore_gives_adam_moments_the_parameters_memory_layout():
-    cfg = cfg_for(group_size=4)
-    model, _ = care.build_model(cfg, torch.device("cpu"), care.Machine())   # contiguous
+def test_adam_moments_keep_the_channels_last_layout_through_a_checkpoint(tmp_path):
+    """care.py trains channels_last: Adam's moments take that layout, torch.save keeps it,
+    and restore hands it back, so Adam keeps its fast multi-tensor path after a resume."""
+    cfg, machine = cfg_for(group_size=4), care.Machine(torch.float32, True)
+    model, _ = care.build_model(cfg, torch.device("cpu"), machine)
     opt, sched = care.make_optimizer(model, cfg, 4)
-    care.train_step(model, opt, (images(8, H=8) * 255).to(torch.uint8), cfg)
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1,
-            "scheduler": sched.state_dict(), "metrics": {"wall_time_s": 1.0, "epochs": []}}
-    machine = care.Machine(torch.float32, True)
-    model, _ = care.build_model(cfg, torch.device("cpu"), machine)         # channels_last
+    care.train_step(model, opt, (images(8, H=8) * 255).to(torch.uint8), cfg, machine=machine)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1,
+                "scheduler": sched.state_dict(), "metrics": {"wall_time_s": 1.0, "epochs": []}},
+               tmp_path / "checkpoint.pt")
+    model, _ = care.build_model(cfg, torch.device("cpu"), machine)
     opt, sched = care.make_optimizer(model, cfg, 4)
-    care.restore(ckpt, care.RunState(model, model, opt, sched, machine, None, None, {}, print))
+    care.restore(torch.load(tmp_path / "checkpoint.pt", weights_only=True),
+                 care.RunState(model, model, opt, sched, machine, None, None, {}, print))
     w = model.backbone.layer1[0].conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
     assert opt.state[w]["exp_avg"].stride() == opt.state[w]["exp_avg_sq"].stride() == w.stride()
