@@ -36,8 +36,10 @@ import math
 import os
 import platform
 import shutil
+import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -501,10 +503,11 @@ PROBE_EPOCHS = 100                          # of the final linear evaluation(s)
 
 class CareError(Exception):
     """A problem with the user's input or environment: one line, no traceback. Exit code
-    2 for a usage error, 1 for anything else."""
-    def __init__(self, message, code=2):
+    2 for a usage error, 1 for anything else. Under torchrun process 0 says it, unless
+    `own`: a refusal of this process's own (agree)."""
+    def __init__(self, message, code=2, own=False):
         super().__init__(message)
-        self.code = code
+        self.code, self.own = code, own
 
 # -------------------------------------------------------------------------------------
 # 8. Data: each split held whole, as uint8 on the device
@@ -551,30 +554,34 @@ def _load_folder(root, split, size, class_to_idx=None):
         raise CareError(f"{root} has no {split}/ folder: --dataset folder expects "
                         f"{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
     try:
-        if class_to_idx is None:
-            _, class_to_idx = ds.find_classes(folder)
-        samples = ds.make_dataset(folder, class_to_idx, extensions=ds.IMG_EXTENSIONS)
-    except FileNotFoundError as e:
-        raise CareError(f"no images in {folder}: {str(e).splitlines()[0]}") from None
+        classes = ds.find_classes(folder)[1]
+        lacking = sorted(set(classes) - set(class_to_idx or classes))
+        if lacking:                             # its images could be neither learnt nor scored
+            raise CareError(f"{folder} has class {lacking[0]}, which {root}/train/ lacks: add "
+                            f"it there, or remove it")
+        samples = ds.make_dataset(folder, class_to_idx or classes, extensions=ds.IMG_EXTENSIONS)
+    except OSError as e:                        # no images (FileNotFoundError), no permission
+        raise CareError(f"cannot read images in {folder}: {_first_line(e)}") from None
     images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
 
     def decode(i):                              # once, at load time, on every core
         try:                                    # (PIL and resize release the GIL)
             images[i] = _square(TF.pil_to_tensor(ds.default_loader(samples[i][0])), size)
-        except OSError as e:
+        except Exception as e:                  # unreadable, truncated, a decompression bomb
             raise CareError(f"cannot decode {samples[i][0]}: {_first_line(e)}", code=1) from None
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(decode, range(len(samples))))
-    return images, torch.tensor([c for _, c in samples], dtype=torch.long), class_to_idx
+    return images, torch.tensor([c for _, c in samples], dtype=torch.long), class_to_idx or classes
 
 def channel_stats(x):
-    """Per-channel mean and std of a uint8 image tensor, in [0, 1] units."""
+    """Per-channel mean and std of a uint8 image tensor, in [0, 1] units; the std at least
+    one grey level (1/255), so that a channel that never varies does not divide by 0."""
     total = torch.zeros(2, 3, dtype=torch.float64)
     for chunk in x.split(4096):
         c = chunk.double().div(255).transpose(0, 1).flatten(1)           # (3, pixels)
         total += torch.stack([c.sum(1), c.square().sum(1)])
     mean = total[0] / (x.numel() / 3)
-    std = (total[1] / (x.numel() / 3) - mean.square()).sqrt()
+    std = (total[1] / (x.numel() / 3) - mean.square()).clamp_min(1 / 255**2).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
@@ -588,6 +595,9 @@ def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
         test_x, test_y, _ = _load_torchvision(dataset, root, train=False)
         train_x, test_x = (torch.cat([_square(c, image_size) for c in x.split(4096)])
                            for x in (train_x, test_x))
+    if train_subset > len(train_x):
+        raise CareError(f"--train-subset {train_subset}, but the training split has "
+                        f"{len(train_x)} images")
     if train_subset:                            # one fixed random subset, whatever --seed
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
         train_x, train_y = train_x[keep[:train_subset]], train_y[keep[:train_subset]]
@@ -772,16 +782,37 @@ def make_optimizer(model, cfg, steps_per_epoch):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-def setup(cfg):
-    """The device (one GPU per process under torchrun), the process group, the seed."""
-    device = pick_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+def join(device):
+    """Under torchrun, this process joins the others (on CUDA, one GPU each): its device."""
+    if torchrun() and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(hours=2))   # process 0 evaluates
+    return device
+
+def agree(device, refused=None):
+    """Every process stops if any refused its input (a data folder missing on one node),
+    instead of waiting for it at the next collective. A refusing process says why; if all
+    refused, process 0 alone does (they refused alike)."""
+    if not dist.is_initialized():
+        if refused:
+            raise refused
+        return
+    count = torch.tensor([float(refused is not None)], device=device)
+    dist.all_reduce(count)
+    n, world = int(count.item()), dist.get_world_size()
+    if refused and n < world:
+        raise CareError(f"process {dist.get_rank()}: {refused}", refused.code, own=True)
+    if refused or n:
+        raise refused or CareError(f"stopped: {n} of {world} processes refused their input")
+
+def setup(cfg):
+    """The device (one GPU per process under torchrun), the process group, the seed."""
+    device = join(pick_device(cfg.device))
+    agree(device)                               # the processes whose settings passed, too
     torch.manual_seed(cfg.seed)                 # the initial weights: equal on every process
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # autotune convolutions for fixed shapes
@@ -832,7 +863,8 @@ class Progress:
             kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch - 1}" if epoch > 1
                     else "no checkpoint had been written yet")
             raise CareError(f"non-finite loss at epoch {epoch} step {self.read + int(bad[0]) + 1}"
-                            f"/{steps}: stopped; {kept}. Try a lower --lr", code=1)
+                            f"/{steps}: stopped; {kept}. Start a new run with a lower --lr (or "
+                            f"a smaller --lam or --weight-decay, a larger --temperature)", code=1)
         self.read, elapsed = step + 1, time.time() - self.start
         eta, per_step = elapsed / self.read * (steps - self.read), elapsed / self.read
         line = (f"epoch {epoch}/{cfg.epochs} step {self.read}/{steps} loss {seen[-1, 0]:.4f} | "
@@ -862,29 +894,38 @@ def end_epoch(run, cfg, row):
         run.metrics["epochs"].append(row)
         if row["epoch"] >= 1:
             run.metrics["wall_time_s"] = time.time() - run.clock
-            atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                         "scheduler": run.scheduler.state_dict(), "epoch": row["epoch"],
-                         "scaler": run.machine.scaler.state_dict(), "config": vars(cfg),
-                         "metrics": run.metrics}, os.path.join(cfg.out, "checkpoint.pt"))
-            run.epoch = row["epoch"]
-            atomic_save(run.metrics, os.path.join(cfg.out, "metrics.json"))
+            try:
+                atomic_save({"model": run.model.state_dict(), "scheduler": run.scheduler.state_dict(),
+                             "optimizer": run.optimizer.state_dict(), "epoch": row["epoch"],
+                             "scaler": run.machine.scaler.state_dict(), "config": vars(cfg),
+                             "metrics": run.metrics}, os.path.join(cfg.out, "checkpoint.pt"))
+                run.epoch = row["epoch"]
+                atomic_save(run.metrics, os.path.join(cfg.out, "metrics.json"))
+            except CareError as e:                      # the folder went away, the disk is full
+                raise CareError(f"{e}; {kept(run, cfg)}", code=1) from None
         run.log(table_row(row))
     if run.world > 1:
         dist.barrier()
 
-def interrupted(run, cfg):
-    """Ctrl-C or SIGTERM during training: keep the last finished epoch, say how to go on."""
+def interrupted(run, cfg, evaluating=False):
+    """Ctrl-C or SIGTERM: keep the last finished epoch, say how to go on (in train.log too)."""
     if sys.stdout.isatty() and run.rank == 0:
         print()                                         # end the live progress line
-    ckpt, metrics = (os.path.join(cfg.out, f) for f in ("checkpoint.pt", "metrics.json"))
     run.metrics["epochs"] = [r for r in run.metrics["epochs"] if r["epoch"] <= run.epoch]
-    if run.epoch >= 1 and run.rank == 0:                # end_epoch may have stopped between
-        atomic_save(run.metrics, metrics)               # its checkpoint and metrics.json
-    launcher = "python" if run.world == 1 else f"torchrun --nproc_per_node={run.world}"
-    run.log(f"interrupted during epoch {run.epoch + 1}: " + (
-        f"{ckpt} and {metrics} hold epoch {run.epoch}; continue with: {launcher} care.py "
-        f"--resume {ckpt}" if run.epoch >= 1 else "no epoch had finished, nothing to resume"))
+    if run.epoch >= 1 and run.rank == 0 and not evaluating:     # end_epoch may have stopped
+        atomic_save(run.metrics, os.path.join(cfg.out, "metrics.json"))  # between its writes
+    what = "the final evaluation" if evaluating else f"epoch {run.epoch + 1}"
+    run.log(f"interrupted during {what}: {kept(run, cfg, evaluating)}")
     raise SystemExit(130)
+
+def kept(run, cfg, evaluate=False):
+    """What a stopped run keeps, and the command that goes on from it."""
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    if run.epoch < 1 or not os.path.isfile(ckpt):
+        return "no checkpoint is kept"
+    launcher = "python" if run.world == 1 or evaluate else f"torchrun --nproc_per_node={run.world}"
+    return (f"{ckpt} and metrics.json keep epoch {run.epoch}; {'evaluate it' if evaluate else 'go on'}"
+            f" with: {launcher} care.py --resume {ckpt}{' --eval-only' * evaluate}")
 
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a file."""
@@ -896,6 +937,8 @@ def atomic_save(obj, path):
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:        # torch.save reports a file's errors as these
+        raise CareError(f"cannot write {path} ({_first_line(e)})", code=1) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1000,22 +1043,15 @@ def launch(cfg, ckpt=None):
     """Train (or with --eval-only just evaluate), recording everything under cfg.out."""
     device = setup(cfg)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:
+        claim(cfg.out)
     log = logger(os.path.join(cfg.out, "train.log"), speak=rank == 0)
     machine = Machine(amp_dtype(cfg.precision, device), channels_last=True, device=device)
     precision = str(machine.dtype).removeprefix("torch.")
     log(f"care.py | {cfg.method} | {cfg.dataset} {cfg.image_size}px | {cfg.arch} | "
         f"{device_name(device)}{f' x {world} processes' if world > 1 else ''} | {precision}"
         f" | out: {cfg.out}\nsettings: {command_line(cfg)}")
-    t, downloads = time.time(), int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if world > 1 and not downloads:
-        dist.barrier()                          # one process per node downloads, the rest wait
-    data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
-    if world > 1 and downloads:
-        dist.barrier()
-    if len(data.train_x) < cfg.batch_size:
-        raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
-                        f"--batch-size {cfg.batch_size}")
+    t, data = time.time(), load_run_data(cfg, device, world)
     log(f"data: {len(data.train_x)} train / {len(data.test_x)} test images, "
         f"{len(data.classes)} classes, loaded in {time.time() - t:.1f}s")
     model, net = build_model(cfg, device, machine)
@@ -1035,7 +1071,46 @@ def launch(cfg, ckpt=None):
             train(run, cfg)
         except KeyboardInterrupt:                       # Ctrl-C, or SIGTERM (main)
             interrupted(run, cfg)
-    return evaluate_run(cfg, run) if rank == 0 else None
+    try:
+        return evaluate_run(cfg, run) if rank == 0 else None
+    except KeyboardInterrupt:
+        interrupted(run, cfg, evaluating=True)
+
+def load_run_data(cfg, device, world):
+    """load_data; under torchrun one process per node downloads while the others wait, and
+    then every process learns whether all of them have their data (agree)."""
+    first, refused, data = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    if world > 1 and not first:
+        dist.barrier()                          # this node's first process downloads
+    try:
+        data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
+        if len(data.train_x) < cfg.batch_size:
+            raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
+                            f"--batch-size {cfg.batch_size}")
+    except CareError as e:
+        refused = e
+    if world > 1 and first:
+        dist.barrier()
+    agree(device, refused)
+    return data
+
+CLAIMED = []                                # the open, locked train.log of this process's run
+
+def claim(folder):
+    """Lock folder/train.log while this run lives (POSIX flock; the end of the process frees
+    it): a second run started into the same folder would interleave its checkpoints."""
+    try:
+        import fcntl
+    except ImportError:                         # Windows: no lock, no check
+        return
+    f = open(os.path.join(folder, "train.log"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CareError(f"{folder} is in use by another care.py run: wait for it to end, or "
+                        f"choose another --out") from None
+    CLAIMED.append(f)
 
 def evaluate_run(cfg, run):
     """Process 0, after training: linear probe(s) and geometry; the record and figures."""
@@ -1374,14 +1449,27 @@ def recorded(panel, runs):
            "gram_matrices": "gram_matrices"}[panel]
     return any((m.get("diagnostics") or {}).get(key) is not None for m in runs)
 
+def read_record(folder):
+    """A run folder's metrics.json, checked to be a record of care.py's: one line if not."""
+    path = os.path.join(folder, "metrics.json")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:          # missing, unreadable, not JSON
+        raise CareError(f"--compare {folder}: cannot read {path} ({_first_line(e)})") from None
+    ok = isinstance(m, dict) and isinstance(m.get("config"), dict) and isinstance(
+        m.get("epochs"), list) and m["epochs"] and all(isinstance(r, dict) for r in m["epochs"])
+    if not ok or not {"device", "wall_time_s"} <= m.keys() or not {
+            "method", "arch", "dataset", "image_size", "epochs", "batch_size"} <= m["config"].keys():
+        raise CareError(f"--compare {folder}: {path} is no record of care.py's (its config, "
+                        f"epochs, device or wall time missing)")
+    return m
+
 def compare(dirs, out):
     """--compare: runs grouped by setting, seeds pooled: out/compare.png and a mean +- sd table."""
-    runs = []
-    for d in dirs:
-        if not os.path.isfile(os.path.join(d, "metrics.json")):
-            raise CareError(f"--compare {d}: no metrics.json there")
-        with open(os.path.join(d, "metrics.json")) as f:
-            runs.append(json.load(f))
+    if len({os.path.realpath(d) for d in dirs}) < len(dirs):
+        raise CareError("--compare lists a folder twice: its run would count as two seeds")
+    runs = [read_record(d) for d in dirs]
     varying = [k for k in VARIANT_KEYS if len({str(m["config"].get(k)) for m in runs}) > 1]
     groups = {}
     for m in runs:
@@ -1393,8 +1481,7 @@ def compare(dirs, out):
     panels = [p for p in ("knn", "info_nce", "alignment", "uniformity", "equivariance", "gram",
                           "procrustes", "angle", "hue", "hue_z", "colour", "residuals",
                           "families", "hue_shifts") if recorded(p, runs)]
-    os.makedirs(out, exist_ok=True)
-    plot(groups, os.path.join(out, "compare.png"), panels, 5,
+    plot(groups, os.path.join(make_out(out), "compare.png"), panels, 5,
          f"{len(runs)} runs in {len(groups)} settings | {run_title(runs[0])}")
     width = max(len(label) for label, _ in groups) + 2
     print(f"{'run':<{width}}{'seeds':>5}" + "".join(f"{k:>18}" for k in summary(runs[0])))
@@ -1426,7 +1513,6 @@ def draw_augmentations(cfg):
     ax.spines[:].set_visible(False)
     fig.suptitle("t, t': drawn per image (InfoNCE)    a, a': drawn once per group of 4 "
                  "(equivariance loss)", fontsize=10)
-    os.makedirs(cfg.out, exist_ok=True)
     fig.savefig(os.path.join(cfg.out, "augmentations.png"), dpi=110)
     print(f"figure: {os.path.join(cfg.out, 'augmentations.png')}")
 
@@ -1462,7 +1548,6 @@ def benchmark(cfg):
               "host_syncs": count_host_syncs(kinds["care"]) if device.type == "cuda" else None,
               "config": vars(cfg)}
     path = os.path.join(cfg.out, "benchmark.json")
-    os.makedirs(cfg.out, exist_ok=True)
     atomic_save(result, path)
     times = " | ".join(f"{k} step {t * 1e3:.1f} ms" for k, t in med.items())
     syncs = f" | host syncs in a step: {result['host_syncs']}" if device.type == "cuda" else ""
@@ -1532,6 +1617,7 @@ def write_exercise(names, out):
     here, target = os.path.dirname(os.path.abspath(__file__)), os.path.join(out, "care.py")
     if os.path.exists(target):
         raise CareError(f"{target} exists: choose another --out, or remove it first")
+    make_out(out)
     with open(os.path.join(here, "care.py")) as f:
         lines = f.read().split("\n")
     exercise_of = {f: n for n in names for f in EXERCISES[n][0]}
@@ -1543,12 +1629,11 @@ def write_exercise(names, out):
                 indent + line.strip() for line in body if line.strip().startswith("#")] + [
                 f"{indent}raise NotImplementedError(\"exercise {name}: write {node.name}, then "
                 f"grade it in this folder: {grader(name)}\")"]
-    os.makedirs(out, exist_ok=True)
     with open(target, "w") as f:
         f.write("\n".join(lines))
     shutil.copy(os.path.join(here, "test_care.py"), out)
     print(f"{target}: " + "; ".join(f"{n} to write" for n in names) + "\ngrade each with:\n"
-          + "\n".join(f"  cd {out} && {grader(n)}" for n in names))
+          + "\n".join(f"  cd {shlex.quote(out)} && {grader(n)}" for n in names))
 
 # -------------------------------------------------------------------------------------
 # 16. The command line: flags from SETTINGS, the recipe, resume, checks, errors
@@ -1617,6 +1702,9 @@ def configure(typed):
                 raise CareError(f"--resume {typed['resume']} was trained with "
                                 f"{_flag(k, saved[k])}, not {v}: drop {_flag(k)} or start a "
                                 f"new run")
+        if typed.get("epochs", ckpt["epoch"]) < ckpt["epoch"]:
+            raise CareError(f"--epochs {typed['epochs']}: this run has trained {ckpt['epoch']} "
+                            f"epochs; to evaluate it, drop --epochs and add --eval-only")
         if saved["lr_schedule"] == "cosine" and typed.get("epochs", saved["epochs"]) != \
                 saved["epochs"]:
             raise CareError(f"--epochs {typed['epochs']}: this run's cosine schedule ends at "
@@ -1640,19 +1728,43 @@ def configure(typed):
             cfg.resume and os.path.samefile(existing, cfg.resume)):
         raise CareError(f"{cfg.out} already holds a run: continue it with --resume {existing}, "
                         f"or choose another --out")
+    make_out(cfg.out)
     return cfg, ckpt
+
+def make_out(path):
+    """Make the output folder and check that a file can be written in it, before any work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:                        # a file of that name, no permission, too long
+        raise CareError(f"--out {path}: cannot write there ({e.strerror or e}); choose another "
+                        f"--out") from None
+    return path
+
+# The range of each number (all finite): (low, high, whether it must be above low).
+LIMITS = dict(group_size=(1, math.inf, False), batch_size=(2, math.inf, False),
+              epochs=(0, math.inf, False), knn_every=(1, math.inf, False),
+              train_subset=(0, math.inf, False), image_size=(4, 1024, False),
+              seed=(0, 2**63 - 1, False), lam=(0, math.inf, False), temperature=(0, math.inf, True),
+              lr=(0, math.inf, True), weight_decay=(0, math.inf, False))
+LIMIT_WHY = {"image_size": " (care.py holds every image on the device as uint8, 3 S^2 bytes: at "
+             "1024 px 3 MB an image, 157 GB for 50,000)"}
+
+def torchrun():
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and {
+        "RANK", "LOCAL_RANK", "MASTER_ADDR"} <= os.environ.keys()
 
 def validate(cfg):
     """Every check that needs no data: a bad flag fails here, before any work is done."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     b, device = cfg.batch_size // world, pick_device(cfg.device)  # b: one process's share
-    minima = dict(group_size=1, batch_size=2, epochs=0, image_size=4, train_subset=0,
-                  knn_every=1)
-    checks = [(getattr(cfg, k) < m, f"--{k.replace('_', '-')} must be "
-               f"{f'at least {m}' if m else '>= 0'}, got {getattr(cfg, k)}")
-              for k, m in minima.items()]
-    checks += [                                 # `not x > 0` also catches nan
+    checks = [(not (math.isfinite(v := getattr(cfg, k)) and (v > low if above else v >= low)
+                    and v <= high), f"--{k.replace('_', '-')} must be {'>' if above else '>='} "
+               f"{low}{f' and <= {high}' * (high < math.inf)}, got {v}{LIMIT_WHY.get(k, '')}")
+              for k, (low, high, above) in LIMITS.items()]     # nan and inf fail here too
+    checks += [
         (cfg.batch_size % world, f"--batch-size {cfg.batch_size} is not divisible by the "
                                  f"{world} processes"),
         (b < 2, f"--batch-size {cfg.batch_size} leaves {b} image per process; BatchNorm "
@@ -1660,16 +1772,16 @@ def validate(cfg):
         ((cfg.method == "care" or cfg.benchmark) and cfg.group_size >= 1 and b % cfg.group_size,
          f"--batch-size {cfg.batch_size} is not a multiple of --group-size {cfg.group_size}"
          + (f" on each of {world} processes ({b} images each)" if world > 1 else "")),
-        (not cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
-        (not cfg.lam >= 0, f"--lam must be >= 0, got {cfg.lam}"),
-        (not cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (not cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (cfg.blur_kernel % 2 == 0 or not 1 <= cfg.blur_kernel < 2 * cfg.image_size,
          f"the blur kernel ({cfg.blur_kernel}) must be odd and smaller than twice "
          f"--image-size ({cfg.image_size})"),
+        (not cfg.benchmark and os.path.isfile(cfg.data_root),
+         f"--data-root {cfg.data_root} is a file; it must be a folder"),
         (cfg.dataset in FOLDERS and not cfg.benchmark and not os.path.isdir(cfg.data_root),
          f"--data-root {cfg.data_root} does not exist (--dataset {cfg.dataset} needs "
          f"DIR/train/<class>/ and DIR/test/<class>/)"),
+        (world > 1 and not torchrun(), f"WORLD_SIZE is {world}, but RANK, LOCAL_RANK or "
+         f"MASTER_ADDR is not set: start the processes with torchrun, or unset WORLD_SIZE"),
         (world > 1 and (cfg.benchmark or cfg.augmentations),
          "--benchmark and --augmentations run in one process: start them with python, "
          "not torchrun"),
@@ -1692,9 +1804,10 @@ def pick_device(name):
     return torch.device(name)
 
 def _out_of_memory(e):
-    """An out-of-memory error, also when torch.compile wraps it in its own exception."""
+    """An out-of-memory error (the GPU's, or the host's allocator's), also when torch.compile
+    wraps it in its own exception."""
     while e is not None:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
             return True
         e = e.__cause__ or e.__context__ or getattr(e, "inner_exception", None)
     return False
@@ -1708,7 +1821,12 @@ def main(argv=None):
             return compare(typed["compare"], typed.get("out", os.path.join("runs", "compare")))
         if typed.get("exercise"):
             return write_exercise(typed["exercise"], typed.get("out", "course"))
-        cfg, ckpt = configure(typed)
+        try:
+            cfg, ckpt = configure(typed)
+        except CareError as e:                  # under torchrun, the others must not wait
+            if torchrun():
+                agree(join(pick_device(typed.get("device", "auto"))), e)
+            raise
         if cfg.augmentations:
             return draw_augmentations(cfg)
         return benchmark(cfg) if cfg.benchmark else launch(cfg, ckpt)
@@ -1716,16 +1834,20 @@ def main(argv=None):
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130)
     except Exception as e:
-        if not isinstance(e, CareError):
+        if isinstance(e, OSError):              # a file or folder that cannot be used
+            e = CareError(f"{e.filename or ''}: {e.strerror or e}", code=1)
+        elif not isinstance(e, CareError):
             if not _out_of_memory(e):
                 raise
-            e = CareError("out of GPU memory: lower --batch-size or --image-size, or use a "
-                          "smaller --arch", code=1)
-        if speak:
+            e = CareError("out of memory: lower --batch-size or --image-size, use --train-subset,"
+                          " or a smaller --arch", code=1)
+        if speak or e.own:
             print(f"care.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.code)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        while CLAIMED:
+            CLAIMED.pop().close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1892,7 +1892,7 @@ def test_out_of_memory_wrapped_by_the_compiler_is_one_line(monkeypatch, tmp_path
             raise RuntimeError("BackendCompilerFailed: backend='inductor' raised") from e
     monkeypatch.setattr(care, "launch", compile_fails)
     code, line = run_error(["--device", "cpu", "--out", str(tmp_path)], capsys)
-    assert code == 1 and "out of GPU memory" in line
+    assert code == 1 and "out of memory" in line
 
 
 def test_features_do_not_copy_a_fully_labelled_split(tiny_folder):
@@ -1936,7 +1936,17 @@ def test_gathered_losses_on_two_processes_equal_one_process_loss_and_gradient(tm
 
 
 def test_process_count_checks_run_before_any_work(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")           # as torchrun --nproc_per_node=2 sets it
+    monkeypatch.setenv("WORLD_SIZE", "2")           # set, but not by torchrun
+    code, line = run_error(["--device", "cpu", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "WORLD_SIZE is 2, but RANK, LOCAL_RANK or MASTER_ADDR is not set" in line
+    for k, v in dict(RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost").items():
+        monkeypatch.setenv(k, v)                    # as torchrun --nproc_per_node=2 sets them
+
+    def refuse(device, refused=None):               # no other process to agree with
+        if refused:
+            raise refused
+    monkeypatch.setattr(care, "join", lambda device: device)
+    monkeypatch.setattr(care, "agree", refuse)
     for argv, words in ((["--batch-size", "3", "--group-size", "1"], "not divisible by the 2"),
                         (["--batch-size", "2", "--group-size", "1"], "leaves 1 image per process"),
                         (["--batch-size", "16", "--group-size", "16"], "on each of 2 processes"),
@@ -2067,7 +2077,7 @@ def run_error(argv, capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--batch-size", "100", "--group-size", "16"], "100 is not a multiple of --group-size 16"),
-    (["--group-size", "0"], "--group-size must be at least 1"),
+    (["--group-size", "0"], "--group-size must be >= 1"),
     (["--dataset", "imagenet"], "invalid choice"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
@@ -2078,9 +2088,19 @@ def run_error(argv, capsys):
     (["--batch-size", "many"], "invalid int value"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--lr", "nan"], "--lr must be > 0"),
-    (["--knn-every", "0"], "--knn-every must be at least 1"),
+    (["--knn-every", "0"], "--knn-every must be >= 1"),
     (["--benchmark", "--method", "simclr", "--batch-size", "100"], "not a multiple"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--image-size", "100000"], "--image-size must be >= 4 and <= 1024, got 100000 (care.py "
+                                 "holds every image on the device as uint8"),
+    (["--lam", "inf"], "--lam must be >= 0, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be >= 0, got inf"),
+    (["--temperature", "inf"], "--temperature must be > 0, got inf"),
+    (["--lr", "inf"], "--lr must be > 0, got inf"),
+    (["--temperature", "nan"], "--temperature must be > 0, got nan"),
+    (["--seed", str(2**70)], "--seed must be >= 0 and <= 9223372036854775807"),
+    (["--data-root", "care.py"], "--data-root care.py is a file; it must be a folder"),
+    (["--resume", "."], "--resume . is a folder: pass the checkpoint.pt in it (it has none)"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path):
     code, line = run_error(argv + ["--out", str(tmp_path / "run")], capsys)
@@ -2101,7 +2121,7 @@ def test_folder_without_split_or_images(tmp_path, capsys):
     assert code == 2 and "has no train/ folder" in line
     (tmp_path / "a" / "train" / "cat").mkdir(parents=True)
     code, line = run_error(tiny_args(tmp_path / "a", tmp_path / "o2"), capsys)
-    assert code == 2 and "no images" in line
+    assert code == 2 and "cannot read images in" in line and "no valid file" in line
 
 
 def test_offline_download_says_what_to_do(monkeypatch, tmp_path, capsys):
@@ -2114,3 +2134,193 @@ def test_offline_download_says_what_to_do(monkeypatch, tmp_path, capsys):
     code, line = run_error(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
                             "--device", "cpu", "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "download" in line and "--dataset folder" in line
+
+
+def unwritable_outs(tmp_path):
+    """--out paths that cannot take a file: a file itself, a path under a file, too long."""
+    (tmp_path / "afile").write_text("")
+    return [tmp_path / "afile", tmp_path / "afile" / "run", tmp_path / ("x" * 300)]
+
+
+def test_an_out_that_cannot_be_written_is_one_line_in_every_mode(tiny_folder, trained, tmp_path,
+                                                                  capsys, monkeypatch):
+    modes = [tiny_args(tiny_folder, "OUT"), ["--exercise", "info_nce", "--out", "OUT"],
+             ["--augmentations", "--dataset", "folder", "--data-root", str(tiny_folder),
+              "--out", "OUT"], ["--compare", str(trained), "--out", "OUT"]]
+    for out in unwritable_outs(tmp_path):
+        for argv in modes:
+            code, line = run_error([str(out) if a == "OUT" else a for a in argv], capsys)
+            assert code == 2 and f"--out {out}: cannot write there" in line, (argv, line)
+
+    def read_only(dir=None):                        # root writes anywhere: a refusal instead
+        raise PermissionError(13, "Permission denied", dir)
+    monkeypatch.setattr(care.tempfile, "TemporaryFile", read_only)
+    code, line = run_error(tiny_args(tiny_folder, tmp_path / "ro"), capsys)
+    assert code == 2 and "cannot write there (Permission denied)" in line
+
+
+def test_an_out_that_stops_taking_files_mid_run_keeps_the_last_epoch(tiny_folder, tmp_path,
+                                                                      capsys, monkeypatch):
+    saves, save = [], torch.save
+
+    def full_disk_at_epoch_2(obj, f):               # as torch.save reports a failed write
+        saves.append(obj["epoch"])
+        if obj["epoch"] == 2:
+            raise RuntimeError(f"File {f} cannot be opened.")
+        save(obj, f)
+    monkeypatch.setattr(care.torch, "save", full_disk_at_epoch_2)
+    out = tmp_path / "run"
+    code, line = run_error(tiny_args(tiny_folder, out, "--epochs", "3"), capsys)
+    assert code == 1 and f"cannot write {out}/checkpoint.pt" in line and saves == [1, 2]
+    assert f"keep epoch 1; go on with: python care.py --resume {out}/checkpoint.pt" in line
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_json(out / "metrics.json")["epochs"]] == [0, 1]
+
+
+def test_compare_names_the_record_it_cannot_use(trained, tmp_path, capsys):
+    bad = {"corrupt": "{bad", "truncated": '{"config": {"method": "care"', "a-list": "[1, 2]",
+           "no-config": '{"epochs": [{"epoch": 0}], "device": "cpu", "wall_time_s": 1}',
+           "no-rows": read_json(trained / "metrics.json") | {"epochs": []}}
+    for name, text in bad.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text if isinstance(text, str) else
+                                                     care.json.dumps(text))
+        code, line = run_error(["--compare", str(trained), str(tmp_path / name), "--out",
+                                str(tmp_path / "cmp")], capsys)
+        assert code == 2 and f"{tmp_path / name}/metrics.json" in line, (name, line)
+    code, line = run_error(["--compare", str(tmp_path / "nothing"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "cannot read" in line and "No such file" in line
+    code, line = run_error(["--compare", str(trained), str(trained) + "/", "--out", str(tmp_path)],
+                           capsys)
+    assert code == 2 and "lists a folder twice" in line
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_image_folders_a_user_should_not_have_made(tiny_folder, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "test" / "extra").mkdir()
+    shutil.copy(next((folder / "test" / "class0").iterdir()), folder / "test" / "extra")
+    code, line = run_error(tiny_args(folder, tmp_path / "o"), capsys)
+    assert code == 2 and "has class extra, which" in line and "train/ lacks" in line
+    shutil.rmtree(folder / "test" / "extra")
+    code, line = run_error(tiny_args(folder, tmp_path / "o", "--train-subset", "1000"), capsys)
+    assert code == 2 and "--train-subset 1000, but the training split has 72 images" in line
+    from PIL import Image                           # a picture larger than PIL dares decode:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 144 pixels > 2 x 50, a "bomb"
+    code, line = run_error(tiny_args(folder, tmp_path / "o"), capsys)
+    assert code == 1 and "cannot decode" in line and "decompression bomb" in line
+    monkeypatch.undo()
+
+    def unreadable(directory):
+        raise PermissionError(13, "Permission denied", directory)
+    monkeypatch.setattr(care.torchvision.datasets.folder, "find_classes", unreadable)
+    code, line = run_error(tiny_args(folder, tmp_path / "o"), capsys)
+    assert code == 2 and "cannot read images in" in line and "Permission denied" in line
+
+
+def test_a_channel_that_never_varies_trains_and_measures_finite(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 16), ("test", 8)):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):                      # blue is 40 in every pixel of every image
+                img = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8)
+                img[..., 2] = 40
+                Image.fromarray(img.numpy()).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    m = care.main(tiny_args(tmp_path, tmp_path / "run", "--epochs", "1"))
+    assert m["data_std"][2] == round(1 / 255, 4) and math.isfinite(m["linear_top1"])
+    assert all(math.isfinite(m["diagnostics"][k]) for k in ("gram_error", "procrustes_residual"))
+
+
+def test_checkpoints_care_py_did_not_write_are_one_line(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    cases = {"config not a table": {**ckpt, "config": [1, 2]},
+             "no optimizer": {k: v for k, v in ckpt.items() if k != "optimizer"},
+             "no lam": {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "lam"}},
+             "unknown arch": {**ckpt, "config": {**ckpt["config"], "arch": "vgg11"}},
+             "other weights": {**ckpt, "config": {**ckpt["config"], "feature_dim": 64}}}
+    for name, words in (("config not a table", "it has no table of settings"),
+                        ("no optimizer", "it lacks optimizer"), ("no lam", "it lacks lam"),
+                        ("unknown arch", "its --arch vgg11 is none of resnet18"),
+                        ("other weights", "its weights do not fit its settings")):
+        torch.save(cases[name], tmp_path / "c.pt")
+        for argv in (["--resume", str(tmp_path / "c.pt")],
+                     ["--resume", str(tmp_path / "c.pt"), "--eval-only"]):
+            code, line = run_error(argv, capsys)
+            assert code == 2 and f"not a care.py checkpoint: {words}" in line, (name, line)
+    code, line = run_error(["--resume", str(trained / "metrics.json")], capsys)
+    assert code == 2 and "not a checkpoint.pt of care.py" in line and "weights_only" not in line
+    code, line = run_error(["--resume", str(trained)], capsys)
+    assert code == 2 and f"is a folder: pass the checkpoint.pt in it, {trained}/checkpoint.pt" in line
+
+
+def test_resume_refuses_fewer_epochs_than_trained(trained, tmp_path, capsys):
+    ckpt = copy_run(trained, tmp_path)
+    before = (tmp_path / "run" / "metrics.json").read_text()
+    code, line = run_error(["--resume", ckpt, "--epochs", "1"], capsys)
+    assert code == 2 and "this run has trained 2 epochs" in line and "--eval-only" in line
+    assert (tmp_path / "run" / "metrics.json").read_text() == before
+
+
+def test_sigterm_in_the_final_evaluation_says_how_to_finish(trained, tmp_path, capsys, monkeypatch):
+    ckpt = copy_run(trained, tmp_path)
+
+    def sigterm(cfg, run):
+        raise KeyboardInterrupt                     # main turns SIGTERM into this
+    monkeypatch.setattr(care, "evaluate_run", sigterm)
+    with pytest.raises(SystemExit) as e:
+        care.main(["--resume", ckpt])
+    words = f"interrupted during the final evaluation: {ckpt} and metrics.json keep epoch 2; " \
+            f"evaluate it with: python care.py --resume {ckpt} --eval-only"
+    assert e.value.code == 130 and words in capsys.readouterr().out
+    assert words in (tmp_path / "run" / "train.log").read_text()
+    assert torch.load(ckpt)["epoch"] == 2 and len(read_json(tmp_path / "run" / "metrics.json")[
+        "epochs"]) == 3
+
+
+def two_processes(argvs, timeout=120):
+    """care.py in two processes as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR ...),
+    without torchrun's agent, argvs[r] for process r: (exit codes, stderr lines)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = lambda r: {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(r),
+                     "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "care.py", *argvs[r]], cwd=HERE, env=env(r),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    done = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [[l for l in err.splitlines() if l.strip()]
+                                           for _, err in done]
+
+
+@pytest.mark.parametrize("missing", ["the folder", "its train/ split"])
+def test_under_torchrun_a_process_that_refuses_its_data_stops_the_others(missing, tiny_folder,
+                                                                          tmp_path):
+    # Process 1's data folder is missing (refused with its settings, before joining) or has
+    # no train/ split (refused while loading, after joining): it says why, process 0 stops.
+    shutil.copytree(tiny_folder / "test", tmp_path / "half" / "test")
+    root = tmp_path / ("none" if missing == "the folder" else "half")
+    start = time.time()
+    codes, errors = two_processes([tiny_args(tiny_folder, tmp_path / "o", "--epochs", "1"),
+                                   tiny_args(root, tmp_path / "o", "--epochs", "1")])
+    assert codes[0] != 0 and codes[1] != 0 and time.time() - start < 60
+    assert len(errors[1]) == 1 and errors[1][0].startswith(f"care.py: error: process 1: ") and (
+        "does not exist" in errors[1][0] if missing == "the folder" else "no train/" in errors[1][0])
+    assert errors[0] == ["care.py: error: stopped: 1 of 2 processes refused their input"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tiny_folder, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "train.log", "a") as log:       # as a run still going holds it
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, line = run_error(tiny_args(tiny_folder, out, "--epochs", "1"), capsys)
+    assert code == 2 and f"{out} is in use by another care.py run" in line
+    assert not (out / "metrics.json").exists()
