@@ -18,7 +18,7 @@ group_size images and shared by all of them.
 Part I, the method, reads top to bottom beside the paper and is the code that trains:
 1. the group-shared augmentation, 2. the encoder, 3. InfoNCE and the equivariance loss
 with the derivation, 4. the training step, 5. the epoch loop, 6. kNN and the linear probe.
-It ends, before line 450, at the banner "Part II, the machinery".
+It ends at line 428, the banner "Part II, the machinery"; the machinery follows.
 Part II holds what a student may skip: settings, data, the batched image operations,
 precision and torchrun, checkpoints, progress, evaluation and the geometry diagnostics,
 plots, other modes (--compare, --augmentations, --benchmark, --exercise), the command line.
@@ -502,12 +502,11 @@ LOG_EVERY = 20                              # steps between the host's reads of 
 PROBE_EPOCHS = 100                          # of the final linear evaluation(s)
 
 class CareError(Exception):
-    """A problem with the user's input or environment: one line, no traceback. Exit code
-    2 for a usage error, 1 for anything else. Under torchrun process 0 says it, unless
-    `own`: a refusal of this process's own (agree)."""
-    def __init__(self, message, code=2, own=False):
+    """A problem with the user's input or environment: one line, no traceback; exit code 2
+    for a usage error, 1 for anything else."""
+    def __init__(self, message, code=2):
         super().__init__(message)
-        self.code, self.own = code, own
+        self.code = code
 
 # -------------------------------------------------------------------------------------
 # 8. Data: each split held whole, as uint8 on the device
@@ -526,9 +525,7 @@ class Data:
 
 def _square(x, size):
     """Resize the shorter side to `size`, then centre-crop: uint8 (..., 3, H, W) -> size^2."""
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    return TF.center_crop(TF.resize(x, size, antialias=True), size)
+    return TF.center_crop(TF.resize(x, size, antialias=True), size)   # no-ops at size x size
 
 def _load_torchvision(name, root, train):
     cls = getattr(torchvision.datasets, name.upper())       # CIFAR10, CIFAR100, STL10
@@ -602,8 +599,7 @@ def load_data(dataset, root, image_size, train_subset=0, device="cpu"):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
         train_x, train_y = train_x[keep[:train_subset]], train_y[keep[:train_subset]]
     mean, std = channel_stats(train_x)
-    return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
-                classes, mean, std)
+    return Data(*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes, mean, std)
 
 # -------------------------------------------------------------------------------------
 # 9. The image operations augment() calls, for a whole batch with one parameter per image.
@@ -615,14 +611,12 @@ def _const(values, device):
     a host-to-device copy, and such a copy makes the host wait for the GPU."""
     return torch.tensor(values, dtype=torch.float32, device=device)
 
-def _per_image(v):
-    """(B,) or (B, 1) -> (B, 1, 1, 1), to broadcast one number per image over its pixels."""
+def _per_image(v):                              # (B,) or (B, 1) -> (B, 1, 1, 1): per image
     return v.view(-1, 1, 1, 1)
 
 rgb_to_grayscale = TF.rgb_to_grayscale          # ITU-R 601-2 luma: (B, 3, H, W) -> (B, 1, H, W)
 
-def _blend(x, y, factor):
-    """factor * x + (1 - factor) * y, clipped to [0, 1]: torchvision's `_blend`."""
+def _blend(x, y, factor):                       # torchvision's _blend
     return (factor * x + (1 - factor) * y).clamp(0, 1)
 
 def adjust_brightness(x, factor):
@@ -689,16 +683,13 @@ def random_resized_crop(x, u_scale, u_ratio, u_pos, scale=(0.08, 1.0), ratio=(3 
     x0, y0 = (W - w) * u_pos[:, 0], (H - h) * u_pos[:, 1]
     idx = torch.arange(B, device=x.device, dtype=x.dtype)
     boxes = torch.stack([idx, x0, y0, x0 + w, y0 + h], 1)
-    return roi_align(x, boxes, output_size=(H, W), spatial_scale=1.0, sampling_ratio=1,
-                     aligned=True)
+    return roi_align(x, boxes, output_size=(H, W), sampling_ratio=1, aligned=True)
 
-def normalize(x, mean, std):
-    """Per-channel (x - mean) / std, the last step of every view."""
+def normalize(x, mean, std):                    # the last step of every view
     mean, std = (_const(tuple(v), x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - mean) / std
 
-def augmenter(cfg, mean, std):
-    """augment() with this run's data statistics, crop scale and blur kernel."""
+def augmenter(cfg, mean, std):                  # augment() with this run's settings
     return functools.partial(augment, mean=mean, std=std, scale_min=cfg.crop_scale_min,
                              blur_kernel=cfg.blur_kernel)
 
@@ -722,16 +713,14 @@ def amp_dtype(precision, device):
     return PRECISIONS[precision]
 
 class Machine:
-    """What train_step hands its arithmetic to, so that Part I holds none of it. Machine()
-    is plain float32 in one process."""
+    """What train_step hands its arithmetic to (Part I holds none); Machine(): fp32, one process."""
     def __init__(self, dtype=torch.float32, channels_last=False, device=torch.device("cpu")):
         self.dtype, self.device_type = dtype, device.type
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # fp16 needs its loss scaled against underflowing gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def precision(self):
-        """Autocast: the encoder's matrix products in self.dtype."""
+    def precision(self):                        # autocast: the encoder's products in self.dtype
         return torch.autocast(self.device_type, self.dtype, enabled=self.dtype != torch.float32)
 
     def layout(self, x):
@@ -747,22 +736,19 @@ class Machine:
         (test_care.py checks this on two processes)."""
         return torch.cat(dist_nn.all_gather(z)) if dist.is_initialized() else z
 
-    def backward(self, loss, optimizer):
-        """loss.backward() and optimizer.step(), with fp16's loss scaling."""
+    def backward(self, loss, optimizer):        # with fp16's loss scaling
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
 
 def build_model(cfg, device, machine):
     """The encoder, and what training calls: it wrapped in DDP (torchrun), compiled (--compile)."""
-    model = Encoder(cfg.arch, cfg.feature_dim, stem_for(cfg.image_size)).to(device)
-    model = model.to(memory_format=machine.memory_format)
+    model = Encoder(cfg.arch, cfg.feature_dim, stem_for(cfg.image_size))
+    model = model.to(device, memory_format=machine.memory_format)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = model
-    if dist.is_initialized():                   # gradients averaged across processes
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                              else None) if dist.is_initialized() else model
     return model, torch.compile(net, dynamic=False) if cfg.compile else net
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -782,8 +768,9 @@ def make_optimizer(model, cfg, steps_per_epoch):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-def join(device):
-    """Under torchrun, this process joins the others (on CUDA, one GPU each): its device."""
+def setup(cfg):
+    """The device (one GPU per process under torchrun), the process group, the seed."""
+    device = pick_device(cfg.device)
     if torchrun() and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -791,28 +778,6 @@ def join(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(hours=2))   # process 0 evaluates
-    return device
-
-def agree(device, refused=None):
-    """Every process stops if any refused its input (a data folder missing on one node),
-    instead of waiting for it at the next collective. A refusing process says why; if all
-    refused, process 0 alone does (they refused alike)."""
-    if not dist.is_initialized():
-        if refused:
-            raise refused
-        return
-    count = torch.tensor([float(refused is not None)], device=device)
-    dist.all_reduce(count)
-    n, world = int(count.item()), dist.get_world_size()
-    if refused and n < world:
-        raise CareError(f"process {dist.get_rank()}: {refused}", refused.code, own=True)
-    if refused or n:
-        raise refused or CareError(f"stopped: {n} of {world} processes refused their input")
-
-def setup(cfg):
-    """The device (one GPU per process under torchrun), the process group, the seed."""
-    device = join(pick_device(cfg.device))
-    agree(device)                               # the processes whose settings passed, too
     torch.manual_seed(cfg.seed)                 # the initial weights: equal on every process
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # autotune convolutions for fixed shapes
@@ -842,12 +807,10 @@ class RunState:
 class Progress:
     """train_epoch's view from the host. Every LOG_EVERY steps it reads the new loss rows
     once (averaged over processes under torchrun: every process stops, or none), stops on
-    a non-finite loss, and shows step, loss, images/s and time left (a live line in a
-    terminal, a line every 30 s in a log file)."""
+    a non-finite loss, and every 30 s prints step, loss, images/s and the time left."""
     def __init__(self, run, cfg, epoch, losses):
         self.run, self.cfg, self.epoch, self.losses = run, cfg, epoch, losses
-        self.read, self.start = 0, time.time()
-        self.printed, self.live = self.start, sys.stdout.isatty() and run.rank == 0
+        self.read, self.start, self.printed = 0, time.time(), time.time()
 
     def update(self, step):
         steps, run, cfg, epoch = len(self.losses), self.run, self.cfg, self.epoch
@@ -870,16 +833,12 @@ class Progress:
         line = (f"epoch {epoch}/{cfg.epochs} step {self.read}/{steps} loss {seen[-1, 0]:.4f} | "
                 f"{self.read * cfg.batch_size / elapsed:.0f} img/s | eta epoch {_hms(eta)}, run "
                 f"{_hms(eta + per_step * steps * (cfg.epochs - epoch))}")
-        if self.live:
-            print("\r" + line.ljust(100), end="", flush=True)
-        elif run.rank == 0 and time.time() - self.printed > 30:
+        if run.rank == 0 and time.time() - self.printed > 30:
             print(line, flush=True)
             self.printed = time.time()
 
     def row(self):
         """The epoch's row of the record: the mean of each term, speed, time, learning rate."""
-        if self.live:
-            print("\r" + " " * 100 + "\r", end="", flush=True)
         seconds, terms = time.time() - self.start, dict(zip(TERMS, self.losses.mean(0).tolist()))
         if self.cfg.method != "care":
             terms["equivariance"] = None
@@ -894,11 +853,11 @@ def end_epoch(run, cfg, row):
         run.metrics["epochs"].append(row)
         if row["epoch"] >= 1:
             run.metrics["wall_time_s"] = time.time() - run.clock
+            state = {k: getattr(run, k).state_dict() for k in ("model", "optimizer", "scheduler")}
             try:
-                atomic_save({"model": run.model.state_dict(), "scheduler": run.scheduler.state_dict(),
-                             "optimizer": run.optimizer.state_dict(), "epoch": row["epoch"],
-                             "scaler": run.machine.scaler.state_dict(), "config": vars(cfg),
-                             "metrics": run.metrics}, os.path.join(cfg.out, "checkpoint.pt"))
+                atomic_save({**state, "epoch": row["epoch"], "config": vars(cfg), "metrics":
+                             run.metrics, "scaler": run.machine.scaler.state_dict()},
+                            os.path.join(cfg.out, "checkpoint.pt"))
                 run.epoch = row["epoch"]
                 atomic_save(run.metrics, os.path.join(cfg.out, "metrics.json"))
             except CareError as e:                      # the folder went away, the disk is full
@@ -909,8 +868,6 @@ def end_epoch(run, cfg, row):
 
 def interrupted(run, cfg, evaluating=False):
     """Ctrl-C or SIGTERM: keep the last finished epoch, say how to go on (in train.log too)."""
-    if sys.stdout.isatty() and run.rank == 0:
-        print()                                         # end the live progress line
     run.metrics["epochs"] = [r for r in run.metrics["epochs"] if r["epoch"] <= run.epoch]
     if run.epoch >= 1 and run.rank == 0 and not evaluating:     # end_epoch may have stopped
         atomic_save(run.metrics, os.path.join(cfg.out, "metrics.json"))  # between its writes
@@ -924,8 +881,9 @@ def kept(run, cfg, evaluate=False):
     if run.epoch < 1 or not os.path.isfile(ckpt):
         return "no checkpoint is kept"
     launcher = "python" if run.world == 1 or evaluate else f"torchrun --nproc_per_node={run.world}"
-    return (f"{ckpt} and metrics.json keep epoch {run.epoch}; {'evaluate it' if evaluate else 'go on'}"
-            f" with: {launcher} care.py --resume {ckpt}{' --eval-only' * evaluate}")
+    return (f"{ckpt} and metrics.json keep epoch {run.epoch}; "
+            f"{'evaluate it' if evaluate else 'go on'} with: {launcher} care.py --resume {ckpt}"
+            + " --eval-only" * evaluate)
 
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a file."""
@@ -964,26 +922,27 @@ def load_checkpoint(path, what="--resume"):
 
 def checkpoint_problem(ckpt):
     """What makes ckpt no checkpoint of care.py's (its parts, its settings, its weights)."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+    c = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(c, dict):
         return "it has no table of settings (config)"
-    c, metrics = ckpt["config"], ckpt.get("metrics")
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch") if k not in ckpt] + [
         k for k, s in SETTINGS.items() if s.kind in ("run", "epochs") and k not in c]
-    if missing or not isinstance(metrics, dict) or not {"epochs", "wall_time_s"} <= metrics.keys():
+    m = ckpt.get("metrics")
+    if missing or not (isinstance(m, dict) and {"epochs", "wall_time_s"} <= m.keys()):
         return f"it lacks {', '.join(missing) or 'its record (metrics)'}"
-    bad = [k for k, s in SETTINGS.items() if s.kind == "run" and s.choices and c[k] not in s.choices]
-    if bad:
-        return f"its {_flag(bad[0], c[bad[0]])} is none of {', '.join(SETTINGS[bad[0]].choices)}"
+    for k, s in SETTINGS.items():
+        if s.kind == "run" and s.choices and c[k] not in s.choices:
+            return f"its {_flag(k, c[k])} is none of {', '.join(s.choices)}"
     try:
-        Encoder(c["arch"], c["feature_dim"], stem_for(c["image_size"])).load_state_dict(ckpt["model"])
+        Encoder(c["arch"], c["feature_dim"], stem_for(c["image_size"])).load_state_dict(
+            ckpt["model"])
     except Exception as e:
         return f"its weights do not fit its settings ({_first_line(e)[:120]})"
 
 def load_encoder(path):
-    """The trained encoder of a checkpoint, for your own code: an Encoder in eval mode on
-    the CPU. encoder(x) gives (h, z) for images in [0, 1] normalised with encoder.mean
-    and encoder.std (the run's channel statistics; None in checkpoints older than them);
-    encoder.backbone alone is the torchvision ResNet, h = encoder.backbone(x)."""
+    """A checkpoint's trained encoder, in eval mode on the CPU: encoder(x) gives (h, z) for
+    images in [0, 1] normalised by encoder.mean and encoder.std (the run's channel
+    statistics); encoder.backbone alone is the torchvision ResNet, h = encoder.backbone(x)."""
     ckpt = load_checkpoint(path, "load_encoder:")
     c = ckpt["config"]
     encoder = Encoder(c["arch"], c["feature_dim"], stem_for(c["image_size"]))
@@ -1011,14 +970,6 @@ def _first_line(e):
 def _hms(seconds):
     return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
-def logger(path, speak=True):
-    """print(), and append the same line to the run's log file (only process 0 speaks)."""
-    def log(msg=""):
-        print(msg, flush=True)
-        with open(path, "a") as f:
-            f.write(msg + "\n")
-    return log if speak else lambda msg="": None
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -1043,15 +994,21 @@ def launch(cfg, ckpt=None):
     """Train (or with --eval-only just evaluate), recording everything under cfg.out."""
     device = setup(cfg)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if rank == 0:
-        claim(cfg.out)
-    log = logger(os.path.join(cfg.out, "train.log"), speak=rank == 0)
+    log = logger(cfg.out) if rank == 0 else lambda msg="": None     # process 0 speaks
     machine = Machine(amp_dtype(cfg.precision, device), channels_last=True, device=device)
     precision = str(machine.dtype).removeprefix("torch.")
     log(f"care.py | {cfg.method} | {cfg.dataset} {cfg.image_size}px | {cfg.arch} | "
         f"{device_name(device)}{f' x {world} processes' if world > 1 else ''} | {precision}"
         f" | out: {cfg.out}\nsettings: {command_line(cfg)}")
-    t, data = time.time(), load_run_data(cfg, device, world)
+    t, first = time.time(), int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()                          # one process per node downloads, the rest wait
+    data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
+    if world > 1 and first:
+        dist.barrier()
+    if len(data.train_x) < cfg.batch_size:
+        raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
+                        f"--batch-size {cfg.batch_size}")
     log(f"data: {len(data.train_x)} train / {len(data.test_x)} test images, "
         f"{len(data.classes)} classes, loaded in {time.time() - t:.1f}s")
     model, net = build_model(cfg, device, machine)
@@ -1065,52 +1022,41 @@ def launch(cfg, ckpt=None):
         restore(ckpt, run)
         log(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
     run.clock = time.time() - metrics["wall_time_s"]    # wall time of the whole run
+    # From here SIGTERM is Ctrl-C: it keeps what is trained. Before, it ends the process at
+    # once, so torchrun's agent stops the others the moment one refuses its input.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if not cfg.eval_only:
         log("\n".join([HEADER, *map(table_row, metrics["epochs"])]))  # resuming: rows so far
         try:
             train(run, cfg)
-        except KeyboardInterrupt:                       # Ctrl-C, or SIGTERM (main)
+        except KeyboardInterrupt:                       # Ctrl-C, or SIGTERM (above)
             interrupted(run, cfg)
     try:
         return evaluate_run(cfg, run) if rank == 0 else None
     except KeyboardInterrupt:
         interrupted(run, cfg, evaluating=True)
 
-def load_run_data(cfg, device, world):
-    """load_data; under torchrun one process per node downloads while the others wait, and
-    then every process learns whether all of them have their data (agree)."""
-    first, refused, data = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
-    if world > 1 and not first:
-        dist.barrier()                          # this node's first process downloads
-    try:
-        data = load_data(cfg.dataset, cfg.data_root, cfg.image_size, cfg.train_subset, device)
-        if len(data.train_x) < cfg.batch_size:
-            raise CareError(f"the training split has {len(data.train_x)} images, fewer than "
-                            f"--batch-size {cfg.batch_size}")
-    except CareError as e:
-        refused = e
-    if world > 1 and first:
-        dist.barrier()
-    agree(device, refused)
-    return data
+CLAIMED = []                                # the open train.log of this process's run
 
-CLAIMED = []                                # the open, locked train.log of this process's run
-
-def claim(folder):
-    """Lock folder/train.log while this run lives (POSIX flock; the end of the process frees
-    it): a second run started into the same folder would interleave its checkpoints."""
+def logger(folder):
+    """print(), and the same line into folder/train.log, which stays open and locked while
+    the run lives (POSIX flock): a second run started into the folder is refused, not let
+    interleave its checkpoints with this one's."""
+    CLAIMED.append(f := open(os.path.join(folder, "train.log"), "a"))
     try:
-        import fcntl
-    except ImportError:                         # Windows: no lock, no check
-        return
-    f = open(os.path.join(folder, "train.log"), "a")
-    try:
+        import fcntl                            # not on Windows: no lock there
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
     except OSError:
-        f.close()
         raise CareError(f"{folder} is in use by another care.py run: wait for it to end, or "
                         f"choose another --out") from None
-    CLAIMED.append(f)
+
+    def log(msg=""):
+        print(msg, flush=True)
+        f.write(msg + "\n")
+        f.flush()
+    return log
 
 def evaluate_run(cfg, run):
     """Process 0, after training: linear probe(s) and geometry; the record and figures."""
@@ -1184,9 +1130,8 @@ def monitor(run, cfg):
 
 def reference_linear_eval(model, data, aug, seed, test_h):
     """--linear-eval reference, the authors' CIFAR protocol: a linear layer (Adam 1e-3, weight
-    decay 1e-6, batch 512) on the frozen backbone applied to freshly augmented training
-    images every epoch, tested on un-augmented ones. (Their backbone stays in train mode;
-    here it is frozen in eval mode, BatchNorm included.)"""
+    decay 1e-6, batch 512) on the frozen backbone (in eval mode here, in train mode there),
+    fed freshly augmented training images every epoch and tested on un-augmented ones."""
     train_x, train_y = labelled(data)
     g = torch.Generator(train_x.device).manual_seed(seed)
     fresh = lambda: embed(model, train_x, lambda x: aug(x, 1, g))[0]
@@ -1381,9 +1326,7 @@ def _hue_curve(ax, groups):
 
 def _gram_matrices(ax, groups):
     """G, G' and |G - G'| of one group of test images under one pair: is G = G'?"""
-    d = (groups[0][1][0].get("diagnostics") or {}).get("gram_matrices")
-    if not d:
-        return ax.axis("off")
+    d = groups[0][1][0]["diagnostics"]["gram_matrices"]     # drawn only by evaluate_run
     G, G2 = torch.tensor(d["G"]), torch.tensor(d["G_prime"])
     n, gap, D = len(G), torch.full((len(G), 1), float("nan")), G - G2
     ax.imshow(torch.cat([G, gap, G2, gap, D.abs()], 1).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -1391,21 +1334,19 @@ def _gram_matrices(ax, groups):
     ax.set(yticks=[], title=f"{n} test images, Z = z(a x), Z' = z(a' x) (-1 blue, +1 red)\n"
            f"mean off-diagonal (G - G')^2: {(D.square().sum() / (n * (n - 1))).item():.4f}")
 
-PANELS = {"residuals": _residual_bars, "families": _family_bars, "hue_shifts": _hue_curve,
+PANELS = {**{k: functools.partial(_curve, title=t, keys=ks) for k, (t, ks) in CURVES.items()},
+          "residuals": _residual_bars, "families": _family_bars, "hue_shifts": _hue_curve,
           "gram_matrices": _gram_matrices}
 
 def plot(groups, path, panels, cols, title):
-    """Draw the named panels (CURVES, PANELS) for groups = [(label, [metrics, ...]), ...],
+    """Draw the named PANELS for groups = [(label, [metrics, ...]), ...],
     `cols` a row. Colours name the groups; the first panel's legend says which is which."""
     from matplotlib.figure import Figure        # no pyplot: no global state, no display
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.6 * cols, 3.8 * rows), layout="tight")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, panels):
-        if name in CURVES:
-            _curve(ax, groups, *CURVES[name])
-        else:
-            PANELS[name](ax, groups)
+        PANELS[name](ax, groups)
     axes.flat[0].legend(fontsize=7)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
@@ -1457,10 +1398,11 @@ def read_record(folder):
             m = json.load(f)
     except (OSError, ValueError) as e:          # missing, unreadable, not JSON
         raise CareError(f"--compare {folder}: cannot read {path} ({_first_line(e)})") from None
-    ok = isinstance(m, dict) and isinstance(m.get("config"), dict) and isinstance(
-        m.get("epochs"), list) and m["epochs"] and all(isinstance(r, dict) for r in m["epochs"])
-    if not ok or not {"device", "wall_time_s"} <= m.keys() or not {
-            "method", "arch", "dataset", "image_size", "epochs", "batch_size"} <= m["config"].keys():
+    c, rows = (m.get("config"), m.get("epochs")) if isinstance(m, dict) else (None, None)
+    if not (isinstance(c, dict) and rows and isinstance(rows, list) and all(
+            isinstance(r, dict) for r in rows) and {"device", "wall_time_s"} <= m.keys() and {
+            "method", "arch", "dataset", "image_size", "train_subset", "epochs", "batch_size"}
+            <= c.keys()):
         raise CareError(f"--compare {folder}: {path} is no record of care.py's (its config, "
                         f"epochs, device or wall time missing)")
     return m
@@ -1563,25 +1505,22 @@ def time_steps(kinds, device, warmup, steps):
     """Median seconds per step of each kind, the kinds interleaved: equal conditions."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in kinds}
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         for kind, step in kinds.items():
             sync()
             t = time.perf_counter()
             step()
             sync()
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            times[kind].append(time.perf_counter() - t)
+    return {k: sorted(v[warmup:])[steps // 2] for k, v in times.items()}
 
 def count_host_syncs(step):
     """Run one step with CUDA's sync debug mode on; count the host syncs it reports."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        step()
+        torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in seen)
 
 # The course: each exercise hands out these functions, and builds on those exercises (a
@@ -1592,18 +1531,15 @@ EXERCISES = {
     "alignment_uniformity": (("alignment_uniformity",), ("info_nce",)),
     "equivariance_loss": (("equivariance_loss",), ()),
     "augment": (("augment",), ("adjust_hue", "gaussian_blur")),
-    "adjust_hue": (("adjust_hue",), ()),
-    "gaussian_blur": (("gaussian_blur",), ()),
+    "adjust_hue": (("adjust_hue",), ()), "gaussian_blur": (("gaussian_blur",), ()),
     "objective": (("objective",), ("info_nce", "alignment_uniformity", "equivariance_loss")),
-    "knn_top1": (("knn_top1",), ()),
-    "linear_probe": (("linear_probe", "fit_linear"), ()),
+    "knn_top1": (("knn_top1",), ()), "linear_probe": (("linear_probe", "fit_linear"), ()),
     "residuals": (("procrustes", "residuals"), ()),
     "rotation_angle_deg": (("rotation_angle_deg",), ()),
     "colour_probe": (("colour_probe",), ("linear_probe",))}
 
 def grader(name):
-    """The command that grades exercise `name`, typed in the folder of the student's copy:
-    its own class of tests in test_care.py."""
+    """The command, typed in the student's folder, that runs exercise `name`'s test class."""
     return f"python -m pytest -q test_care.py::Test{name.title().replace('_', '')}"
 
 def write_exercise(names, out):
@@ -1699,14 +1635,12 @@ def configure(typed):
                  if k in SETTINGS and SETTINGS[k].kind in ("run", "epochs", "kept")}
         for k, v in typed.items():
             if SETTINGS[k].kind == "run" and k in saved and v != saved[k]:
-                raise CareError(f"--resume {typed['resume']} was trained with "
-                                f"{_flag(k, saved[k])}, not {v}: drop {_flag(k)} or start a "
-                                f"new run")
+                raise CareError(f"--resume {typed['resume']} was trained with {_flag(k, saved[k])},"
+                                f" not {v}: drop {_flag(k)} or start a new run")
         if typed.get("epochs", ckpt["epoch"]) < ckpt["epoch"]:
             raise CareError(f"--epochs {typed['epochs']}: this run has trained {ckpt['epoch']} "
                             f"epochs; to evaluate it, drop --epochs and add --eval-only")
-        if saved["lr_schedule"] == "cosine" and typed.get("epochs", saved["epochs"]) != \
-                saved["epochs"]:
+        if saved["lr_schedule"] == "cosine" and typed.get("epochs") not in (None, saved["epochs"]):
             raise CareError(f"--epochs {typed['epochs']}: this run's cosine schedule ends at "
                             f"epoch {saved['epochs']}, and another length would make the "
                             f"learning rate jump; start a new run instead")
@@ -1814,19 +1748,14 @@ def _out_of_memory(e):
 
 def main(argv=None):
     typed = vars(build_parser().parse_args(argv))
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM = Ctrl-C
-    speak = os.environ.get("RANK", "0") == "0"  # under torchrun only process 0 reports
+    previous = signal.getsignal(signal.SIGTERM)         # launch makes it Ctrl-C in training
+    rank = f"process {os.environ['RANK']}: " if torchrun() else ""     # which process says it
     try:
         if typed.get("compare"):
             return compare(typed["compare"], typed.get("out", os.path.join("runs", "compare")))
         if typed.get("exercise"):
             return write_exercise(typed["exercise"], typed.get("out", "course"))
-        try:
-            cfg, ckpt = configure(typed)
-        except CareError as e:                  # under torchrun, the others must not wait
-            if torchrun():
-                agree(join(pick_device(typed.get("device", "auto"))), e)
-            raise
+        cfg, ckpt = configure(typed)
         if cfg.augmentations:
             return draw_augmentations(cfg)
         return benchmark(cfg) if cfg.benchmark else launch(cfg, ckpt)
@@ -1841,8 +1770,7 @@ def main(argv=None):
                 raise
             e = CareError("out of memory: lower --batch-size or --image-size, use --train-subset,"
                           " or a smaller --arch", code=1)
-        if speak or e.own:
-            print(f"care.py: error: {e}", file=sys.stderr)
+        print(f"care.py: error: {rank}{e}", file=sys.stderr)
         raise SystemExit(e.code)
     finally:
         signal.signal(signal.SIGTERM, previous)
