@@ -64,10 +64,10 @@ from torchvision.ops import roi_align
 # The CIFAR recipe: SimCLR's CIFAR augmentations (random resized crop, horizontal flip,
 # colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2), then the Gaussian
 # blur (kernel 3, p=0.5) that the CARE authors' CIFAR pipeline adds (SimCLR blurs only its
-# ImageNet views), then normalisation. Each random choice
-# is a uniform number in [0, 1), so one draw of the whole recipe is a row of uniforms in
-# named columns; augment() applies a batch of rows at once, on the device. The operations
-# themselves (crop, colour, blur) mirror torchvision's; they sit with the machinery below.
+# ImageNet views), then normalisation. Each random choice is a uniform number in [0, 1),
+# so one draw of the whole recipe is a row of uniforms in named columns; augment() applies
+# a batch of rows at once, on the device. The operations themselves (crop, colour, blur)
+# mirror torchvision's; they sit with the machinery below.
 # Columns per name: ten tries of crop area and aspect (as torchvision), the crop's place,
 # strengths, and a switch per family (flip, jitter, grayscale, blur): on below its probability.
 AUG_PARAMS = dict(crop_area=10, crop_aspect=10, crop_position=2, flip=1, jitter_strengths=4,
