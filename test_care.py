@@ -176,6 +176,20 @@ def leaves(*tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
 
 
+def gradient_matches(loss, naive, n, name):
+    """loss(z1, z2) of n unit views each must be a 0-d tensor whose gradient reaches both
+    views and equals the gradient of naive, the loop differentiated in float64."""
+    z1, z2 = unit(n, 4, 0).requires_grad_(), unit(n, 4, 1).requires_grad_()
+    value = loss(z1, z2)
+    assert torch.is_tensor(value) and value.dim() == 0 and value.requires_grad, (
+        f"{name} must return a 0-d tensor that carries the gradient, got {value!r}")
+    value.backward()
+    a, b = leaves(z1, z2)
+    naive(a, b).backward()
+    for z, ref, view in ((z1, a, "z1"), (z2, b, "z2")):
+        close(gradient(z, view), ref.grad, f"d {name} / d {view}, against the loop's gradient")
+
+
 # =====================================================================================
 # Part 1: the course. One class per exercise; `python care.py --exercise NAME` hands out
 # a copy of care.py with that exercise's functions to write.
@@ -227,15 +241,8 @@ class TestInfoNce(Grader):
                   atol=1e-4, rtol=1e-4)
 
     def test_a_tensor_that_carries_the_gradient_to_both_views(self):
-        z1, z2 = unit(6, 4, 0).requires_grad_(), unit(6, 4, 1).requires_grad_()
-        loss = care.info_nce(z1, z2, 0.5)
-        assert torch.is_tensor(loss) and loss.dim() == 0 and loss.requires_grad, (
-            f"info_nce must return a 0-d tensor that carries the gradient, got {loss!r}")
-        loss.backward()
-        a, b = leaves(z1, z2)
-        naive_info_nce(a, b, 0.5).backward()
-        close(gradient(z1, "z1"), a.grad, "d info_nce / d z1, against the loop's gradient")
-        close(gradient(z2, "z2"), b.grad, "d info_nce / d z2, against the loop's gradient")
+        gradient_matches(lambda z1, z2: care.info_nce(z1, z2, 0.5),
+                         lambda z1, z2: naive_info_nce(z1, z2, 0.5), 6, "info_nce")
 
     def test_float32_from_bfloat16_views(self):
         # bfloat16 keeps 8 bits of mantissa: a product taken in it is off by about 0.03
@@ -404,15 +411,9 @@ class TestEquivarianceLoss(Grader):
               "the loss of bfloat16 views, in float32", atol=0, rtol=2e-5)
 
     def test_a_tensor_that_carries_the_gradient_to_both_views(self):
-        z1, z2 = unit(8, 4, 0).requires_grad_(), unit(8, 4, 1).requires_grad_()
-        loss = care.equivariance_loss(z1, z2, 4)
-        assert torch.is_tensor(loss) and loss.dim() == 0 and loss.requires_grad, (
-            f"equivariance_loss must return a 0-d tensor that carries the gradient, got {loss!r}")
-        loss.backward()
-        a, b = leaves(z1, z2)
-        naive_equivariance_loss(a, b, 4).backward()
-        close(gradient(z1, "z1 (the a views)"), a.grad, "d loss / d z1, against the loop's")
-        close(gradient(z2, "z2 (the a' views)"), b.grad, "d loss / d z2, against the loop's")
+        gradient_matches(lambda z1, z2: care.equivariance_loss(z1, z2, 4),
+                         lambda z1, z2: naive_equivariance_loss(z1, z2, 4), 8,
+                         "equivariance_loss")
 
     def test_a_group_size_that_does_not_divide_the_batch_is_a_value_error(self):
         for group_size in (4, 0):
