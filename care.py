@@ -370,7 +370,7 @@ def train(run, cfg):
         end_epoch(run, cfg, row)
 
 # -------------------------------------------------------------------------------------
-# 6. Evaluation of the frozen backbone h: the kNN monitor and the linear probe
+# 6. Evaluation of the frozen backbone's features h: the kNN monitor and the linear probe
 @torch.no_grad()
 def knn_top1(train_h, train_y, test_h, test_y, k=200, temperature=0.5, chunk=1024):
     """Weighted kNN (the InstDisc/SimCLR monitor): for each test image, the k most
